@@ -1,0 +1,3 @@
+from flux2.cli import main
+
+raise SystemExit(main())

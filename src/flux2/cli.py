@@ -1,0 +1,145 @@
+"""The `flux2` command: one-shot generation and editing.
+
+flux2 generate "a lighthouse at dusk" --model flux.2-klein-4b --seed 7
+flux2 edit "make the sky purple" -i photo.jpg -o edited.png
+FLUX2_MODEL=tiny flux2 generate "self-test"          # offline, random weights, noise image
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flux2.registry import FLUX2_MODEL_INFO
+
+DEFAULT_MODEL = next(iter(FLUX2_MODEL_INFO))
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flux2",
+        description="FLUX.2 image generation and editing.",
+        epilog='example: flux2 generate "a red fox in the snow" --seed 7 -o fox.png',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="text to image", epilog='example: flux2 generate "a fox" --seed 7')
+    _generation_options(gen)
+    edit = sub.add_parser(
+        "edit", help="edit with one or more reference images", epilog='example: flux2 edit "make it night" -i day.jpg'
+    )
+    _generation_options(edit)
+    sub.add_parser("models", help="list the known models")
+    return parser
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("FLUX2_MODEL", DEFAULT_MODEL),
+        help=f"registry name (default: $FLUX2_MODEL or {DEFAULT_MODEL}); 'tiny' runs offline",
+    )
+    p.add_argument("-i", "--image", action="append", default=[], type=Path, help="reference image (repeatable)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance (default: the model's)")
+    p.add_argument("--seed", type=int, help="seed of the first image (default: random, always reported)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--negative-prompt", help="negative prompt (klein base models)")
+    p.add_argument("--match-image-size", type=int, help="use the size of reference image N (0-based)")
+    p.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="file or folder (default: outputs/)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16; fp32 for tiny)")
+    p.add_argument("--weights-dir", type=Path, help="folder holding the weights (or $FLUX2_WEIGHTS_DIR)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until they run")
+    p.add_argument("--json", action="store_true", help="print one JSON object with outputs and parameters")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "models":
+            return _list_models()
+        return _generate(args)
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _list_models() -> int:
+    for name, info in FLUX2_MODEL_INFO.items():
+        print(f"{name:22} {info.description}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from flux2.pipeline import Flux2Pipeline
+    from flux2.progress import TerminalProgress
+
+    if args.command == "edit" and not args.image:
+        raise ValueError("edit needs at least one input image (-i IMAGE)")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    pipe = Flux2Pipeline(
+        args.model, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload
+    )
+    if pipe.device.type == "cpu" and not pipe.info.is_tiny:
+        print("note: running on the CPU; expect minutes per image", file=sys.stderr)
+    with TerminalProgress(enabled=not args.json) as progress:
+        outputs = pipe.generate(
+            args.prompt,
+            width=args.width,
+            height=args.height,
+            num_steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            num_images=args.num_images,
+            negative_prompt=args.negative_prompt,
+            reference_images=args.image,
+            match_image_size=args.match_image_size,
+            callback=progress,
+        )
+    paths = [save_image(out.image, out.record.to_dict(), args.output, len(outputs)) for out in outputs]
+    if args.json:
+        print(json.dumps({"outputs": [str(p) for p in paths], "images": [o.record.to_dict() for o in outputs]}))
+    else:
+        for path, out in zip(paths, outputs, strict=True):
+            print(f"saved {path} (seed {out.record.seed})")
+    return 0
+
+
+def save_image(image, record: dict, output: Path, count: int) -> Path:
+    """PNG with the generation record as a text chunk; never overwrites an existing file."""
+    from PIL import PngImagePlugin
+
+    if output.suffix.lower() == ".png" and count == 1:
+        target = _free_name(output.parent, output.stem)
+    else:
+        target = _free_name(output, "flux2")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("flux2", json.dumps(record))
+    image.save(target, pnginfo=info)
+    return target
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    candidate = folder / f"{stem}.png"
+    n = 1
+    while candidate.exists():
+        candidate = folder / f"{stem}-{n}.png"
+        n += 1
+    return candidate

@@ -1,0 +1,365 @@
+"""One long-lived object that loads a FLUX.2 model once and serves text-to-image and multi-reference editing.
+
+pipe = Flux2Pipeline("flux.2-klein-4b")
+[out] = pipe.generate("a lighthouse at dusk", seed=7)
+out.image.save("lighthouse.png"); print(out.record.seed)
+"""
+
+import hashlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from flux2 import __version__
+from flux2.registry import ModelInfo, model_info
+from flux2.sampling import (
+    batched_prc_img,
+    batched_prc_txt,
+    denoise,
+    denoise_cached,
+    denoise_cfg,
+    encode_image_refs,
+    get_schedule,
+    scatter_ids,
+)
+from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 patchify
+
+
+class GenerationCancelled(Exception):
+    """Raised out of `generate` when its cancel event was set (or a callback raised it) between steps."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "encode_text" | "encode_references" | "denoise" | "decode"
+    step: int  # steps done in this stage
+    total: int
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """Everything that made one image; `seed` is the seed actually used for it."""
+
+    model: str
+    prompt: str
+    seed: int
+    num_steps: int
+    guidance: float
+    width: int
+    height: int
+    negative_prompt: str | None = None
+    upsampled_prompt: str | None = None
+    references: tuple[str, ...] = ()  # sha256 of each reference image's RGB pixels
+    kv_cache: bool = False
+    software: str = f"flux2 {__version__}"
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    record: GenerationRecord
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    width: int
+    height: int
+    num_steps: int
+    guidance: float
+    seeds: list[int] = field(hash=False)
+    negative_prompt: str | None
+    references: list[Image.Image] = field(hash=False)
+
+
+ProgressCallback = Callable[[Progress], None]
+ImageInput = Image.Image | str | Path
+
+
+class Flux2Pipeline:
+    """Keeps a model's text encoder, transformer and autoencoder loaded and generates images with them.
+
+    Components may be passed in already built (tests, custom weights); otherwise they are loaded by name.
+    With `cpu_offload`, models stay on the CPU and visit the device only while they run.
+    """
+
+    def __init__(
+        self,
+        model: str = "flux.2-klein-4b",
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        weights_dir: str | Path | None = None,
+        cpu_offload: bool = False,
+        flow_model: nn.Module | None = None,
+        ae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+    ):
+        self.info: ModelInfo = model_info(model)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.info)
+        self.cpu_offload = cpu_offload
+        home = torch.device("cpu") if cpu_offload else self.device
+        if self.info.is_tiny:
+            log.warning("model 'tiny' has random weights: it is a self-test and produces noise images")
+        self.text_encoder = text_encoder or load_text_encoder(
+            self.info.name, home, weights_dir=weights_dir, dtype=self.dtype
+        )
+        self.flow_model = flow_model or load_flow_model(self.info.name, home, weights_dir=weights_dir, dtype=self.dtype)
+        self.ae = ae or load_ae(self.info.name, home, weights_dir=weights_dir)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        negative_prompt: str | None = None,
+        reference_images: Sequence[ImageInput] = (),
+        match_image_size: int | None = None,
+        callback: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[GeneratedImage]:
+        """Text-to-image, or editing when reference images are given. Image i uses seed + i."""
+        request = self._request(
+            prompt,
+            width,
+            height,
+            num_steps,
+            guidance,
+            seed,
+            num_images,
+            negative_prompt,
+            reference_images,
+            match_image_size,
+        )
+        report = _Reporter(callback, cancel)
+        outputs = []
+        with torch.inference_mode():
+            txt, txt_ids = self._encode_text(request, report)
+            refs, ref_ids = self._encode_references(request, report)
+            # One image at a time: image i is exactly what a single run with seed + i gives.
+            for seed in request.seeds:
+                latents = self._denoise(request, seed, txt, txt_ids, refs, ref_ids, report)
+                outputs.append(GeneratedImage(self._decode(latents, report), self._record(request, seed)))
+        return outputs
+
+    def edit(self, prompt: str, images: Sequence[ImageInput], **kwargs) -> list[GeneratedImage]:
+        """Multi-reference editing: `generate` with the images as references."""
+        if not images:
+            raise ValueError("edit needs at least one input image")
+        return self.generate(prompt, reference_images=images, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+
+    def _request(
+        self,
+        prompt,
+        width,
+        height,
+        num_steps,
+        guidance,
+        seed,
+        num_images,
+        negative_prompt,
+        reference_images,
+        match_image_size,
+    ) -> _Request:
+        info = self.info
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        references = [_open_image(img, i) for i, img in enumerate(reference_images)]
+        width, height = self._size(width, height, references, match_image_size)
+        num_steps = info.num_steps if num_steps is None else num_steps
+        guidance = info.guidance if guidance is None else guidance
+        _check_fixed(info, num_steps, guidance)
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        if negative_prompt is not None and not info.uses_cfg:
+            raise ValueError(f"{info.name} does not use a negative prompt (only the klein base models run CFG)")
+        seed = random.randrange(2**31) if seed is None else seed
+        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_images:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_images}], got {seed!r}")
+        seeds = [seed + i for i in range(num_images)]
+        return _Request(prompt, width, height, num_steps, float(guidance), seeds, negative_prompt, references)
+
+    def _size(self, width, height, references, match_image_size) -> tuple[int, int]:
+        if match_image_size is not None:
+            if not 0 <= match_image_size < len(references):
+                raise ValueError(
+                    f"match_image_size={match_image_size} but there are {len(references)} reference images"
+                )
+            w, h = references[match_image_size].size
+            return w // SIZE_MULTIPLE * SIZE_MULTIPLE, h // SIZE_MULTIPLE * SIZE_MULTIPLE
+        width = self.info.width if width is None else width
+        height = self.info.height if height is None else height
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+                raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE} px, got {value!r}")
+        return width, height
+
+    # ------------------------------------------------------------------ stages
+
+    def _encode_text(self, request: _Request, report: "_Reporter") -> tuple[Tensor, Tensor]:
+        report(Progress("encode_text", 0, 1))
+        with self._resident(self.text_encoder):
+            if self.info.uses_cfg:  # [uncond; cond], uncond first as in the reference
+                ctx = self.text_encoder([request.negative_prompt or "", request.prompt])
+            else:
+                ctx = self.text_encoder([request.prompt])
+        ctx = ctx.to(self.device, self.dtype)  # [1, L, C], or [2, L, C] = [uncond; cond] with CFG
+        report(Progress("encode_text", 1, 1))
+        return batched_prc_txt(ctx)
+
+    def _encode_references(self, request: _Request, report: "_Reporter") -> tuple[Tensor | None, Tensor | None]:
+        if not request.references:
+            return None, None
+        report(Progress("encode_references", 0, 1))
+        with self._resident(self.ae):
+            refs, ref_ids = encode_image_refs(self.ae, request.references, dtype=self.dtype)
+        report(Progress("encode_references", 1, 1))
+        return refs.to(self.device), ref_ids.to(self.device)
+
+    def _noise(self, request: _Request, seed: int) -> tuple[Tensor, Tensor]:
+        """Seeded noise drawn on the CPU in float32 in the patchified layout [1, C, h, w], then packed and
+        moved: a seed gives the same noise on every device."""
+        shape = (1, self.flow_model.in_channels, request.height // SIZE_MULTIPLE, request.width // SIZE_MULTIPLE)
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+        x, x_ids = batched_prc_img(noise)
+        return x.to(self.device, self.dtype), x_ids.to(self.device)
+
+    def _denoise(self, request, seed, txt, txt_ids, refs, ref_ids, report: "_Reporter") -> tuple[Tensor, Tensor]:
+        x, x_ids = self._noise(request, seed)
+        timesteps = get_schedule(request.num_steps, x.shape[1])
+        loop = self._loop(refs is not None)
+        report(Progress("denoise", 0, request.num_steps))
+
+        def on_step(i: int, total: int) -> None:
+            if i > 0:
+                report(Progress("denoise", i, total))
+
+        with self._resident(self.flow_model):
+            x = loop(
+                self.flow_model, x, x_ids, txt, txt_ids, timesteps, request.guidance, refs, ref_ids, callback=on_step
+            )
+        report(Progress("denoise", request.num_steps, request.num_steps))
+        return x, x_ids
+
+    def _loop(self, has_refs: bool):
+        if self.info.uses_cfg:
+            return denoise_cfg
+        if self.info.use_kv_cache and has_refs:
+            return denoise_cached
+        return denoise
+
+    def _decode(self, latents: tuple[Tensor, Tensor], report: "_Reporter") -> Image.Image:
+        report(Progress("decode", 0, 1))
+        x, x_ids = latents
+        z = torch.cat(scatter_ids(x, x_ids)).squeeze(2)  # [B, C, h, w]
+        ae_param = next(self.ae.parameters())
+        with self._resident(self.ae):
+            pixels = self.ae.decode(z.to(ae_param.device, ae_param.dtype)).float()
+        report(Progress("decode", 1, 1))
+        return to_pil(pixels[0])
+
+    def _record(self, request: _Request, seed: int) -> GenerationRecord:
+        return GenerationRecord(
+            model=self.info.name,
+            prompt=request.prompt,
+            seed=seed,
+            num_steps=request.num_steps,
+            guidance=request.guidance,
+            width=request.width,
+            height=request.height,
+            negative_prompt=request.negative_prompt,
+            references=tuple(image_sha256(im) for im in request.references),
+            kv_cache=self.info.use_kv_cache and bool(request.references),
+            note="noise image from the random-weight self-test model" if self.info.is_tiny else "",
+        )
+
+    @contextmanager
+    def _resident(self, module: nn.Module) -> Iterator[None]:
+        """With CPU offload, keep `module` on the device only while it runs."""
+        if not self.cpu_offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+class _Reporter:
+    def __init__(self, callback: ProgressCallback | None, cancel: threading.Event | None):
+        self.callback, self.cancel = callback, cancel
+
+    def __call__(self, progress: Progress) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise GenerationCancelled(f"cancelled during {progress.stage}")
+        if self.callback is not None:
+            self.callback(progress)
+
+
+def _check_fixed(info: ModelInfo, num_steps, guidance) -> None:
+    fixed = {"num_steps": (num_steps, info.num_steps), "guidance": (guidance, info.guidance)}
+    for key in sorted(info.fixed_params):
+        given, allowed = fixed[key]
+        if given != allowed:
+            raise ValueError(
+                f"{info.name} is a distilled model: {key} is fixed at {allowed} (got {given}); "
+                f"use a base model (e.g. flux.2-klein-base-4b) to change it"
+            )
+
+
+def _open_image(img: ImageInput, index: int) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img
+    path = Path(img)
+    if not path.is_file():
+        raise ValueError(f"reference image {index} not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"reference image {index} ({path}) is not a readable image: {err}") from err
+
+
+def to_pil(pixels: Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> uint8 image; truncation (not rounding), as the reference converts."""
+    x = pixels.clamp(-1, 1).permute(1, 2, 0)
+    return Image.fromarray((127.5 * (x + 1.0)).byte().cpu().numpy())
+
+
+def image_sha256(img: Image.Image) -> str:
+    rgb = img.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,122 @@
+"""The published FLUX.2 models (and the `tiny` self-test model): where their weights live and how they sample.
+
+Insertion order matters: the first entry is the default model.
+"""
+
+from dataclasses import dataclass, field
+
+from flux2.autoencoder import AutoEncoderParams
+from flux2.model import Flux2Params, Klein4BParams, Klein9BParams
+
+# The tiny self-test model: random weights, runs every part through the same code, produces noise images.
+TINY_TEXT_HIDDEN = 32  # hidden size of flux2.tiny_text_encoders.tiny_qwen3
+TINY_AE_PARAMS = AutoEncoderParams(ch=8, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=4, norm_groups=4)
+TINY_PARAMS = Flux2Params(
+    in_channels=4 * TINY_AE_PARAMS.z_channels,
+    context_in_dim=3 * TINY_TEXT_HIDDEN,
+    hidden_size=64,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[8, 8, 8, 8],
+    use_guidance_embed=False,
+)
+
+
+@dataclass(frozen=True)
+class TextEncoderInfo:
+    kind: str  # "qwen3" | "mistral3" | "tiny"
+    repo_id: str  # default Hub id of the weights
+    env_var: str  # folder of the weights (transformers layout)
+    tokenizer_repo_id: str
+    tokenizer_env_var: str
+
+
+QWEN3_4B = TextEncoderInfo("qwen3", "Qwen/Qwen3-4B", "QWEN3_4B_PATH", "Qwen/Qwen3-4B", "QWEN3_4B_TOKENIZER_PATH")
+QWEN3_8B = TextEncoderInfo("qwen3", "Qwen/Qwen3-8B", "QWEN3_8B_PATH", "Qwen/Qwen3-8B", "QWEN3_8B_TOKENIZER_PATH")
+# The reference loads the Mistral weights and its processor from two different repos.
+MISTRAL_SMALL = TextEncoderInfo(
+    "mistral3",
+    "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+    "MISTRAL_PATH",
+    "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+    "MISTRAL_TOKENIZER_PATH",
+)
+TINY_TEXT = TextEncoderInfo("tiny", "", "", "", "")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    repo_id: str
+    filename: str  # original single-file transformer checkpoint in the repo
+    params: Flux2Params = field(compare=False)
+    text_encoder: TextEncoderInfo
+    env_var: str  # path of the transformer checkpoint
+    num_steps: int
+    guidance: float
+    fixed_params: frozenset[str] = frozenset()  # settings a distilled model does not allow to change
+    guidance_distilled: bool = True  # False: true CFG against an (empty) negative prompt
+    use_kv_cache: bool = False
+    ae_repo_id: str = "black-forest-labs/FLUX.2-dev"
+    filename_ae: str = "ae.safetensors"
+    ae_params: AutoEncoderParams = field(default_factory=AutoEncoderParams, compare=False)
+    width: int = 1024
+    height: int = 1024
+    licence: str = ""
+    description: str = ""
+
+    @property
+    def uses_cfg(self) -> bool:
+        return not self.guidance_distilled
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.text_encoder.kind == "tiny"
+
+
+def _klein(name: str, repo: str, params: Flux2Params, text: TextEncoderInfo, env: str, **kw) -> ModelInfo:
+    """A [klein] entry: its checkpoint file is named after the model (flux.2-klein-4b -> flux-2-klein-4b)."""
+    filename = name.replace("flux.2-", "flux-2-") + ".safetensors"
+    return ModelInfo(name=name, repo_id=repo, filename=filename, params=params, text_encoder=text, env_var=env, **kw)
+
+
+DISTILLED = dict(num_steps=4, guidance=1.0, fixed_params=frozenset({"num_steps", "guidance"}))
+BASE = dict(num_steps=50, guidance=4.0, guidance_distilled=False)
+NON_COMMERCIAL = "FLUX Non-Commercial"
+
+FLUX2_MODEL_INFO: dict[str, ModelInfo] = {
+    info.name: info
+    for info in [
+        _klein("flux.2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", Klein4BParams(), QWEN3_4B,
+               "KLEIN_4B_MODEL_PATH", **DISTILLED, licence="Apache-2.0",
+               description="4B, step-distilled (4 steps), Qwen3-4B text encoder"),
+        _klein("flux.2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", Klein9BParams(), QWEN3_8B,
+               "KLEIN_9B_MODEL_PATH", **DISTILLED, licence=NON_COMMERCIAL,
+               description="9B, step-distilled (4 steps), Qwen3-8B text encoder"),
+        _klein("flux.2-klein-9b-kv", "black-forest-labs/FLUX.2-klein-9B-kv", Klein9BParams(), QWEN3_8B,
+               "KLEIN_9B_KV_MODEL_PATH", **DISTILLED, use_kv_cache=True, licence=NON_COMMERCIAL,
+               description="9B, step-distilled, caches reference K/V for faster multi-reference edits"),
+        _klein("flux.2-klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B", Klein4BParams(), QWEN3_4B,
+               "KLEIN_4B_BASE_MODEL_PATH", **BASE, licence="Apache-2.0",
+               description="4B base model (50 steps, true CFG)"),
+        _klein("flux.2-klein-base-9b", "black-forest-labs/FLUX.2-klein-base-9B", Klein9BParams(), QWEN3_8B,
+               "KLEIN_9B_BASE_MODEL_PATH", **BASE, licence=NON_COMMERCIAL,
+               description="9B base model (50 steps, true CFG)"),
+        ModelInfo(name="flux.2-dev", repo_id="black-forest-labs/FLUX.2-dev", filename="flux2-dev.safetensors",
+                  params=Flux2Params(), text_encoder=MISTRAL_SMALL, env_var="FLUX2_MODEL_PATH", num_steps=50,
+                  guidance=4.0, licence=NON_COMMERCIAL,
+                  description="32B, guidance-distilled (embedded guidance), Mistral-Small-3.2 text encoder"),
+        ModelInfo(name="tiny", repo_id="", filename="", params=TINY_PARAMS, text_encoder=TINY_TEXT, env_var="",
+                  num_steps=4, guidance=1.0, ae_params=TINY_AE_PARAMS, width=256, height=256,
+                  description="random-weight self-test model: runs every part offline, PRODUCES NOISE IMAGES"),
+    ]
+}  # fmt: skip
+
+
+def model_info(name: str) -> ModelInfo:
+    """Exact (case-insensitive) registry lookup with a helpful error."""
+    info = FLUX2_MODEL_INFO.get(name.lower())
+    if info is None:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(FLUX2_MODEL_INFO)}")
+    return info

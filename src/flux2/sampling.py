@@ -1,0 +1,305 @@
+"""Token packing, position ids, reference-image preparation, the timestep schedule and the Euler loops.
+
+Position ids have four int64 axes (t, h, w, l): text token j is (0, 0, 0, j), target latent cell (y, x) is
+(0, y, x, 0), and reference k (0-based) uses t = 10 + 10 k over its own latent grid.
+"""
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+# Reference-image pixel caps of the reference code: 2024**2 (sic, not 2048**2) for a single reference,
+# 1024**2 for each of several.
+SINGLE_REF_MAX_PIXELS = 2024**2
+MULTI_REF_MAX_PIXELS = 1024**2
+REF_MIN_SIDE = 64
+REF_MAX_ASPECT = 8.0
+REF_TIME_SCALE = 10  # reference k gets t = REF_TIME_SCALE * (k + 1)
+
+# A callback sees (step index, number of steps) before each step; it may raise to cancel the run.
+StepCallback = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------- packing and ids
+
+
+def _coord(t_coord: Tensor | int | None, device: torch.device) -> Tensor:
+    if t_coord is None:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    return torch.as_tensor(t_coord, dtype=torch.long, device=device).reshape(-1)
+
+
+def prc_txt(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    """One text item [L, C] -> (tokens [L, C], ids [L, 4]) with id (t, 0, 0, j) for token j."""
+    length = x.shape[0]
+    zero = torch.zeros(1, dtype=torch.long, device=x.device)
+    ids = torch.cartesian_prod(_coord(t_coord, x.device), zero, zero, torch.arange(length, device=x.device))
+    return x, ids
+
+
+def prc_img(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    """One latent [C, h, w] -> (row-major tokens [h*w, C], ids [h*w, 4]) with id (t, y, x, 0)."""
+    _, h, w = x.shape
+    dev = x.device
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    ids = torch.cartesian_prod(_coord(t_coord, dev), torch.arange(h, device=dev), torch.arange(w, device=dev), zero)
+    return rearrange(x, "c h w -> (h w) c"), ids
+
+
+def batched_prc_txt(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    tokens, ids = zip(*(prc_txt(item, t_coord) for item in x), strict=True)
+    return torch.stack(tokens), torch.stack(ids)
+
+
+def batched_prc_img(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    tokens, ids = zip(*(prc_img(item, t_coord) for item in x), strict=True)
+    return torch.stack(tokens), torch.stack(ids)
+
+
+def listed_prc_img(
+    x_list: list[Tensor], t_coord: list[Tensor | int] | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Pack a list of latents [C, h, w] of different sizes; t_coord gives one t per item (default 0)."""
+    coords = t_coord if t_coord is not None else [None] * len(x_list)
+    packed = [prc_img(x, t) for x, t in zip(x_list, coords, strict=True)]
+    return [p[0] for p in packed], [p[1] for p in packed]
+
+
+def compress_time(t_ids: Tensor) -> Tensor:
+    """Map the distinct t values (sorted) to 0..T-1."""
+    _, compressed = torch.unique(t_ids, sorted=True, return_inverse=True)
+    return compressed
+
+
+def scatter_ids(x: Tensor, x_ids: Tensor) -> list[Tensor]:
+    """Tokens [B, L, C] with ids [B, L, 4] -> per item a dense [1, C, T, H, W] grid (empty cells are zero)."""
+    out = []
+    for tokens, ids in zip(x, x_ids, strict=True):
+        t = compress_time(ids[:, 0])
+        h, w = ids[:, 1], ids[:, 2]
+        num_t, num_h, num_w = int(t.max()) + 1, int(h.max()) + 1, int(w.max()) + 1
+        flat = t * num_w * num_h + h * num_w + w
+        grid = torch.zeros(num_t * num_h * num_w, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+        grid.index_copy_(0, flat, tokens)
+        out.append(rearrange(grid, "(t h w) c -> 1 c t h w", t=num_t, h=num_h, w=num_w))
+    return out
+
+
+# ----------------------------------------------------------------------------- reference images
+
+
+def cap_min_pixels(img: Image.Image, min_side: int = REF_MIN_SIDE, max_aspect: float = REF_MAX_ASPECT) -> None:
+    w, h = img.size
+    if min(w, h) < min_side:
+        raise ValueError(f"reference image is {w}x{h}: each side must be at least {min_side} px")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise ValueError(f"reference image is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.2f} exceeds {max_aspect}")
+
+
+def cap_pixels(img: Image.Image, k: int) -> Image.Image:
+    """Downscale (LANCZOS, floor sizes) so that width * height <= k; smaller images are returned unchanged."""
+    w, h = img.size
+    if w * h <= k:
+        return img
+    s = math.sqrt(k / (w * h))
+    return img.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS)
+
+
+def center_crop_to_multiple_of_x(img: Image.Image, x: int) -> Image.Image:
+    w, h = img.size
+    new_w, new_h = w // x * x, h // x * x
+    left, top = (w - new_w) // 2, (h - new_h) // 2
+    return img.crop((left, top, left + new_w, top + new_h))
+
+
+def image_to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
+
+
+def default_prep(img: Image.Image, limit_pixels: int) -> Tensor:
+    """The reference's preparation of one reference image: RGB, checks, pixel cap, centre crop to 16."""
+    img = img.convert("RGB")
+    cap_min_pixels(img)
+    img = cap_pixels(img, limit_pixels)
+    return image_to_tensor(center_crop_to_multiple_of_x(img, 16))
+
+
+def concatenate_images(images: list[Image.Image]) -> Image.Image:
+    """Side by side on a white background, vertically centred (used for prompt upsampling inputs)."""
+    width = sum(im.width for im in images)
+    height = max(im.height for im in images)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    x = 0
+    for im in images:
+        canvas.paste(im.convert("RGB"), (x, (height - im.height) // 2))
+        x += im.width
+    return canvas
+
+
+def ref_pixel_limit(num_refs: int) -> int:
+    return SINGLE_REF_MAX_PIXELS if num_refs == 1 else MULTI_REF_MAX_PIXELS
+
+
+@torch.no_grad()
+def encode_image_refs(
+    ae: torch.nn.Module, img_ctx: list[Image.Image], dtype: torch.dtype = torch.bfloat16
+) -> tuple[Tensor | None, Tensor | None]:
+    """Encode reference images into one token sequence [1, N, C] with ids [1, N, 4] (t = 10, 20, ...)."""
+    if not img_ctx:
+        return None, None
+    limit = ref_pixel_limit(len(img_ctx))
+    param = next(ae.parameters())
+    latents = [ae.encode(default_prep(img, limit)[None].to(param.device, param.dtype))[0] for img in img_ctx]
+    t_coords = [REF_TIME_SCALE + REF_TIME_SCALE * k for k in range(len(latents))]
+    tokens, ids = listed_prc_img(latents, t_coord=t_coords)
+    return torch.cat(tokens)[None].to(dtype), torch.cat(ids)[None]
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """Shift parameter fitted by BFL: linear in tokens, interpolated in steps between 10- and 200-step fits.
+
+    Above 4300 tokens the 200-step fit is used regardless of the step count (a deliberate discontinuity).
+    """
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    intercept = m_200 - 200.0 * slope
+    return float(slope * num_steps + intercept)
+
+
+def generalized_time_snr_shift(t: Tensor, mu: float, sigma: float) -> Tensor:
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
+    """num_steps + 1 times from 1 (noise) to 0 (data), in torch float32 exactly as the reference computes them."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    mu = compute_empirical_mu(image_seq_len, num_steps)
+    timesteps = torch.linspace(1, 0, num_steps + 1)
+    return generalized_time_snr_shift(timesteps, mu, 1.0).tolist()
+
+
+# ----------------------------------------------------------------------------- denoising
+
+
+def _steps(timesteps: list[float], callback: StepCallback | None):
+    total = len(timesteps) - 1
+    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
+        if callback is not None:
+            callback(i, total)
+        yield i, t_curr, t_prev
+
+
+def _with_refs(img, img_ids, img_cond_seq, img_cond_seq_ids) -> tuple[Tensor, Tensor]:
+    """Reference tokens go after the target tokens on the plain path."""
+    if img_cond_seq is None:
+        return img, img_ids
+    return torch.cat([img, img_cond_seq], dim=1), torch.cat([img_ids, img_cond_seq_ids], dim=1)
+
+
+@torch.no_grad()
+def denoise(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: list[float],
+    guidance: float | None,
+    img_cond_seq: Tensor | None = None,
+    img_cond_seq_ids: Tensor | None = None,
+    *,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler integration from timesteps[0] to timesteps[-1]; returns the denoised packed latents."""
+    guidance_vec = (
+        None if guidance is None else torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
+    )
+    num_img = img.shape[1]
+    for _, t_curr, t_prev in _steps(timesteps, callback):
+        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+        x, x_ids = _with_refs(img, img_ids, img_cond_seq, img_cond_seq_ids)
+        pred = model(x, x_ids, t_vec, txt, txt_ids, guidance_vec)[:, :num_img]
+        img = img + (t_prev - t_curr) * pred
+    return img
+
+
+@torch.no_grad()
+def denoise_cached(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: list[float],
+    guidance: float | None,
+    img_cond_seq: Tensor | None = None,
+    img_cond_seq_ids: Tensor | None = None,
+    *,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """The klein KV loop: reference K/V extracted at the first step and reused at the others."""
+    if img_cond_seq is None or img_cond_seq_ids is None:
+        raise ValueError("denoise_cached needs reference tokens (img_cond_seq and img_cond_seq_ids)")
+    guidance_vec = (
+        None if guidance is None else torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
+    )
+    cache = None
+    for _, t_curr, t_prev in _steps(timesteps, callback):
+        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+        if cache is None:
+            pred, cache = model.forward_kv_extract(
+                img, img_ids, t_vec, txt, txt_ids, guidance_vec, img_cond_seq, img_cond_seq_ids
+            )
+        else:
+            pred = model.forward_kv_cached(img, img_ids, t_vec, txt, txt_ids, guidance_vec, cache)
+        img = img + (t_prev - t_curr) * pred
+    return img
+
+
+@torch.no_grad()
+def denoise_cfg(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: list[float],
+    guidance: float,
+    img_cond_seq: Tensor | None = None,
+    img_cond_seq_ids: Tensor | None = None,
+    *,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """True CFG with txt = [uncond; cond] batched in one forward; references are kept in both halves.
+
+    img is one half's latents [B, L, C]; returns the denoised [B, L, C].
+    """
+    if txt.shape[0] != 2 * img.shape[0]:
+        raise ValueError(f"denoise_cfg needs txt = [uncond; cond]: batch {txt.shape[0]} != 2 x {img.shape[0]}")
+    num_img = img.shape[1]
+    img_ids2 = torch.cat([img_ids, img_ids])
+    refs2 = None if img_cond_seq is None else torch.cat([img_cond_seq, img_cond_seq])
+    ref_ids2 = None if img_cond_seq_ids is None else torch.cat([img_cond_seq_ids, img_cond_seq_ids])
+    for _, t_curr, t_prev in _steps(timesteps, callback):
+        t_vec = torch.full((txt.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+        x, x_ids = _with_refs(torch.cat([img, img]), img_ids2, refs2, ref_ids2)
+        uncond, cond = model(x, x_ids, t_vec, txt, txt_ids, None)[:, :num_img].chunk(2)
+        pred = uncond + guidance * (cond - uncond)
+        img = img + (t_prev - t_curr) * pred
+    return img

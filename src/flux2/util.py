@@ -1,0 +1,177 @@
+"""Loading models: the reference's `load_flow_model`, `load_ae`, `load_text_encoder`, plus device choice.
+
+Weights are found by `flux2.weights` and read by `flux2.checkpoints`; models are built on the meta device and
+the checkpoint tensors are assigned, so a model never exists twice in memory.
+"""
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from flux2.autoencoder import AutoEncoder, AutoEncoderParams
+from flux2.checkpoints import load_strict, read_safetensors
+from flux2.checkpoints.autoencoder import ae_diffusers_to_original, is_diffusers_ae
+from flux2.checkpoints.transformer import (
+    is_diffusers_transformer,
+    params_from_state_dict,
+    strip_original_prefix,
+    transformer_diffusers_to_original,
+)
+from flux2.model import Flux2, Flux2Params
+from flux2.registry import FLUX2_MODEL_INFO, ModelInfo, model_info
+from flux2.weights import find_ae, find_text_encoder, find_transformer, weights_dir_from_env
+
+__all__ = [
+    "FLUX2_MODEL_INFO",
+    "default_device",
+    "default_dtype",
+    "detect_model_name",
+    "load_ae",
+    "load_flow_model",
+    "load_text_encoder",
+    "read_transformer_state_dict",
+]
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(info: ModelInfo) -> torch.dtype:
+    """bf16 (the checkpoints' dtype) for real models on every device; fp32 for the tiny self-test model."""
+    return torch.float32 if info.is_tiny else torch.bfloat16
+
+
+def _folder(weights_dir: str | Path | None) -> Path | None:
+    return Path(weights_dir).expanduser() if weights_dir is not None else weights_dir_from_env()
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+def read_transformer_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """An original single file or a diffusers folder, returned in the original (BFL) key layout."""
+    sd = read_safetensors(path, device)
+    if is_diffusers_transformer(sd):
+        return transformer_diffusers_to_original(sd)
+    return strip_original_prefix(sd)
+
+
+def detect_model_name(params: Flux2Params) -> str:
+    """The registry name whose architecture matches; base and KV variants share shapes with the distilled ones."""
+    for name, info in FLUX2_MODEL_INFO.items():
+        if info.params == params and not info.is_tiny:
+            return name
+    raise ValueError(f"the checkpoint's architecture matches no published FLUX.2 model: {params}")
+
+
+def load_flow_model(
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    path: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    debug_mode: bool = False,
+) -> Flux2:
+    """Build the transformer and load its weights (strict keys; architecture from the registry or shapes).
+
+    With no name, `path` is required and the architecture is read from the tensor shapes.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if name is None and path is None:
+        raise ValueError("load_flow_model needs a model name or a checkpoint path")
+    info = model_info(name) if name is not None else None
+    if info is not None and info.is_tiny:
+        return _random_flow_model(info.params, device, dtype or torch.float32)
+    if debug_mode:  # the reference's debug mode: one block of each kind, random weights, preset untouched
+        small = Flux2Params(**{**vars(info.params), "depth": 1, "depth_single_blocks": 1})
+        return _random_flow_model(small, device, dtype or torch.bfloat16)
+    if path is None:
+        path = find_transformer(info, _folder(weights_dir))
+    log.info("Loading %s for the FLUX.2 weights", path)
+    sd = read_transformer_state_dict(path, device)
+    params = info.params if info is not None else params_from_state_dict(sd)
+    with torch.device("meta"):
+        model = Flux2(params)
+    model = load_strict(model, sd, "transformer").eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model
+
+
+def _random_flow_model(params: Flux2Params, device: torch.device, dtype: torch.dtype) -> Flux2:
+    from flux2.tiny import random_flow_model
+
+    return random_flow_model(params).to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def read_ae_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    sd = read_safetensors(path, device)
+    return ae_diffusers_to_original(sd) if is_diffusers_ae(sd) else sd
+
+
+def load_ae(
+    name: str = "flux.2-dev",
+    device: str | torch.device | None = None,
+    *,
+    path: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    params: AutoEncoderParams | None = None,
+) -> AutoEncoder:
+    """The FLUX.2 autoencoder from `ae.safetensors` or a diffusers `vae/` folder; fp32 unless dtype is given."""
+    device = torch.device(device) if device is not None else default_device()
+    info = model_info(name)
+    if info.is_tiny and path is None:
+        from flux2.tiny import random_ae
+
+        return random_ae(info.ae_params).to(device=device, dtype=dtype or torch.float32).eval()
+    if path is None:
+        path = find_ae(info, _folder(weights_dir))
+    log.info("Loading %s for the AutoEncoder weights", path)
+    sd = read_ae_state_dict(path, device)
+    with torch.device("meta"):
+        ae = AutoEncoder(params or info.ae_params)
+    ae = load_strict(ae, sd, "autoencoder").eval()
+    return ae.to(device=device, dtype=dtype or torch.float32)
+
+
+# ----------------------------------------------------------------------------- text encoder
+
+
+def load_text_encoder(
+    name: str,
+    device: str | torch.device | None = None,
+    *,
+    weights_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The model's text encoder: Qwen3 for [klein], Mistral-Small-3.2 for [dev], a tiny Qwen3 for `tiny`."""
+    from flux2.text_encoder import Mistral3SmallEmbedder, Qwen3Embedder
+
+    device = torch.device(device) if device is not None else default_device()
+    info = model_info(name)
+    if info.is_tiny:
+        from flux2.tiny_text_encoders import tiny_qwen3
+
+        model, tokenizer = tiny_qwen3()
+        return Qwen3Embedder(model, device, tokenizer=tokenizer, dtype=dtype or torch.float32).eval()
+    model_path, tokenizer_path = find_text_encoder(info.text_encoder, _folder(weights_dir))
+    dtype = dtype or torch.bfloat16
+    log.info("Loading %s for the text encoder weights", model_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        if info.text_encoder.kind == "mistral3":
+            return Mistral3SmallEmbedder(model_path, device, processor=tokenizer_path, dtype=dtype).eval()
+        return Qwen3Embedder(model_path, device, tokenizer=tokenizer_path, dtype=dtype).eval()
