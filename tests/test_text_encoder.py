@@ -156,6 +156,10 @@ def test_qwen3_bf16_in_memory_and_max_length():
     out = Qwen3Embedder(model, tokenizer=tokenizer, dtype=torch.bfloat16, max_length=64)(PROMPTS)
     assert out.shape == (len(PROMPTS), 64, TINY_OUT)
     assert out.dtype == torch.bfloat16
+    oracle = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        text_encoder=model, tokenizer=tokenizer, prompt=PROMPTS, max_sequence_length=64
+    )
+    assert torch.equal(out, oracle)  # same bf16 ops in the same order: bit-identical
 
 
 # ---- Mistral-Small (dev) ----
@@ -212,8 +216,9 @@ def test_mistral_loads_from_saved_folder(tmp_path, mistral_embeds):
     by_loader = load_mistral_small_embedder(model_path=folder, dtype=torch.float32)
     assert torch.equal(by_loader(PROMPTS), mistral_embeds)
     bf16 = Mistral3SmallEmbedder(folder)
-    out = bf16(PROMPTS[:1])
+    out = bf16(PROMPTS)
     assert bf16.model.dtype == out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.equal(out, diffusers_mistral((bf16.model, bf16.processor)))
 
 
 # ---- tiny models ----

@@ -15,6 +15,7 @@ Prompt upsampling and safety checks are separate objects; these classes only emb
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,8 @@ from transformers import (
     AutoTokenizer,
     Mistral3ForConditionalGeneration,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
 OUTPUT_LAYERS_QWEN3 = (9, 18, 27)
@@ -47,6 +50,8 @@ MISTRAL_PROCESSOR_ID = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
 DEFAULT_DTYPE = torch.bfloat16  # used when loading by name; bf16 matmuls run on CPU, CUDA and MPS
 
 PathLike = str | os.PathLike[str]
+# Anything with the model's chat template: a tokenizer, or (for Mistral) a processor or a tokenizer.
+TextPreprocessor = PreTrainedTokenizerBase | ProcessorMixin
 
 
 def _check_prompts(prompts: object) -> list[str]:
@@ -94,7 +99,12 @@ def _check_depth(model: PreTrainedModel, layers: tuple[int, ...]) -> None:
         )
 
 
-def _text_preprocessor(spec: object, default: PathLike | None, name: str, loader):
+def _text_preprocessor(
+    spec: PathLike | TextPreprocessor | None,
+    default: PathLike | None,
+    name: str,
+    loader: Callable[[PathLike], TextPreprocessor],
+) -> TextPreprocessor:
     """Resolve a tokenizer/processor argument: an object with a chat template, a path/id, or the default."""
     spec = default if spec is None else spec
     if spec is None:
@@ -125,8 +135,8 @@ class Qwen3Embedder(nn.Module):
     """Klein text encoder: Qwen3 hidden states 9, 18, 27 of each prompt as a user turn (no system message).
 
     `model_spec` is a Hub id or folder (loaded with `AutoModelForCausalLM`, in `dtype`, default bf16) or a built
-    transformers model (moved to `device`, cast only when `dtype` is given). `tokenizer` defaults to
-    `model_spec` when that is a path or id.
+    transformers model (moved to `device`, cast only when `dtype` is given; put in eval mode, gradients off).
+    `tokenizer` defaults to `model_spec` when that is a path or id.
     """
 
     def __init__(
@@ -134,7 +144,7 @@ class Qwen3Embedder(nn.Module):
         model_spec: PathLike | PreTrainedModel,
         device: str | torch.device = "cpu",
         *,
-        tokenizer: object | None = None,
+        tokenizer: PathLike | PreTrainedTokenizerBase | None = None,
         dtype: torch.dtype | None = None,
         max_length: int = MAX_LENGTH,
     ) -> None:
@@ -179,7 +189,7 @@ class Mistral3SmallEmbedder(nn.Module):
         model_spec: PathLike | PreTrainedModel = MISTRAL_MODEL_ID,
         device: str | torch.device = "cpu",
         *,
-        processor: object | None = None,
+        processor: PathLike | TextPreprocessor | None = None,
         dtype: torch.dtype | None = None,
         max_length: int = MAX_LENGTH,
     ) -> None:
@@ -221,7 +231,7 @@ class Mistral3SmallEmbedder(nn.Module):
         return _stacked_hidden_states(self.model, tokens["input_ids"], tokens["attention_mask"], OUTPUT_LAYERS_MISTRAL)
 
 
-def _load_processor(path: PathLike):
+def _load_processor(path: PathLike) -> TextPreprocessor:
     return AutoProcessor.from_pretrained(path, use_fast=False)
 
 
