@@ -6,6 +6,7 @@ the checkpoint tensors are assigned, so a model never exists twice in memory.
 
 import logging
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def read_transformer_state_dict(path: str | Path, device: str | torch.device = "
 def detect_model_name(params: Flux2Params) -> str:
     """The registry name whose architecture matches; base and KV variants share shapes with the distilled ones."""
     for name, info in FLUX2_MODEL_INFO.items():
-        if info.params == params and not info.is_tiny:
+        if asdict(info.params) == asdict(params) and not info.is_tiny:
             return name
     raise ValueError(f"the checkpoint's architecture matches no published FLUX.2 model: {params}")
 

@@ -1,0 +1,199 @@
+"""Checkpoint layouts, strict loading, architecture detection and weight discovery."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from safetensors.torch import save_file
+
+from flux2.checkpoints import CheckpointError, load_strict
+from flux2.checkpoints.autoencoder import ae_original_to_diffusers
+from flux2.checkpoints.transformer import (
+    params_from_state_dict,
+    transformer_diffusers_to_original,
+    transformer_original_to_diffusers,
+)
+from flux2.model import Flux2, Flux2Params, Klein4BParams, Klein9BParams
+from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS, model_info
+from flux2.tiny import random_ae, random_flow_model
+from flux2.util import detect_model_name, load_ae, load_flow_model
+from flux2.weights import WeightsNotFoundError, find_weights
+
+
+def diffusers_transformer(params: Flux2Params) -> Flux2Transformer2DModel:
+    return Flux2Transformer2DModel(
+        in_channels=params.in_channels,
+        num_layers=params.depth,
+        num_single_layers=params.depth_single_blocks,
+        attention_head_dim=params.head_dim,
+        num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim,
+        axes_dims_rope=tuple(params.axes_dim),
+        guidance_embeds=params.use_guidance_embed,
+    )
+
+
+def equal_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Flux2:
+    return random_flow_model(TINY_PARAMS, seed=5)
+
+
+def test_original_diffusers_round_trip_is_bit_exact(tiny_model):
+    sd = {k: v.to(torch.bfloat16) for k, v in tiny_model.state_dict().items()}
+    converted = transformer_original_to_diffusers(sd)
+    assert converted.keys() == diffusers_transformer(TINY_PARAMS).state_dict().keys()
+    assert equal_state(transformer_diffusers_to_original(converted), sd)
+    # The final modulation halves are swapped in the diffusers layout (shift/scale order).
+    shift, scale = sd["final_layer.adaLN_modulation.1.weight"].chunk(2)
+    assert torch.equal(converted["norm_out.linear.weight"], torch.cat([scale, shift]))
+
+
+def test_load_original_file_and_diffusers_folder_give_identical_models(tiny_model, tmp_path):
+    sd = tiny_model.state_dict()
+    save_file(sd, tmp_path / "model.safetensors")
+    theirs = diffusers_transformer(TINY_PARAMS)
+    theirs.load_state_dict(transformer_original_to_diffusers(sd))
+    theirs.save_pretrained(tmp_path / "transformer")  # a real diffusers folder: config.json + weights
+    from_file = load_flow_model(path=tmp_path / "model.safetensors", device="cpu")
+    from_folder = load_flow_model(path=tmp_path / "transformer", device="cpu")
+    assert from_file.params == TINY_PARAMS  # architecture read from the tensor shapes
+    assert equal_state(from_file.state_dict(), sd)
+    assert equal_state(from_folder.state_dict(), sd)
+
+
+def test_prefixed_single_file_loads(tiny_model, tmp_path):
+    sd = {f"model.diffusion_model.{k}": v for k, v in tiny_model.state_dict().items()}
+    save_file(sd, tmp_path / "prefixed.safetensors")
+    assert equal_state(load_flow_model(path=tmp_path / "prefixed.safetensors", device="cpu").state_dict(),
+                       tiny_model.state_dict())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "params,name",
+    [(Klein4BParams(), "flux.2-klein-4b"), (Klein9BParams(), "flux.2-klein-9b"), (Flux2Params(), "flux.2-dev")],
+)
+def test_variant_detected_from_shapes(params, name):
+    with torch.device("meta"):
+        sd = Flux2(params).state_dict()
+    assert asdict(params_from_state_dict(sd)) == asdict(params)
+    assert detect_model_name(params_from_state_dict(sd)) == name
+
+
+def test_strict_key_error_lists_missing_unexpected_and_shapes(tiny_model):
+    sd = dict(tiny_model.state_dict())
+    sd.pop("txt_in.weight")
+    sd["double_blocks.0.img_attn.extra.weight"] = torch.zeros(1)
+    sd["img_in.weight"] = torch.zeros(3, 3)
+    with torch.device("meta"):
+        model = Flux2(TINY_PARAMS)
+    with pytest.raises(CheckpointError) as err:
+        load_strict(model, sd, "transformer")
+    message = str(err.value)
+    assert "missing keys (1)" in message and "txt_in.weight" in message
+    assert "unexpected keys (1)" in message and "double_blocks.0.img_attn.extra.weight" in message
+    assert "img_in.weight: checkpoint (3, 3) vs model (64, 16)" in message
+
+
+def test_loaded_weights_are_assigned_not_copied(tiny_model, tmp_path):
+    save_file(tiny_model.state_dict(), tmp_path / "m.safetensors")
+    model = load_flow_model(path=tmp_path / "m.safetensors", device="cpu")
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.img_in.weight.dtype == torch.float32  # the checkpoint's dtype is kept
+
+
+def test_ae_file_and_diffusers_vae_folder(tmp_path):
+    ae = random_ae(TINY_AE_PARAMS, seed=2)
+    save_file(ae.state_dict(), tmp_path / "ae.safetensors")
+    vae = AutoencoderKLFlux2(
+        sample_size=64, block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4
+    )
+    vae.load_state_dict(ae_original_to_diffusers(ae.state_dict()))
+    vae.save_pretrained(tmp_path / "vae")
+    from_file = load_ae("tiny", "cpu", path=tmp_path / "ae.safetensors")
+    from_folder = load_ae("tiny", "cpu", path=tmp_path / "vae")
+    assert equal_state(from_file.state_dict(), ae.state_dict())
+    assert equal_state(from_folder.state_dict(), ae.state_dict())
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def touch(path, content=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.fixture
+def no_env(monkeypatch, tmp_path):
+    for var in [
+        "FLUX2_WEIGHTS_DIR",
+        "AE_MODEL_PATH",
+        "KLEIN_9B_MODEL_PATH",
+        "QWEN3_8B_PATH",
+        "QWEN3_8B_TOKENIZER_PATH",
+    ]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    return monkeypatch
+
+
+def test_studio_layout_folder_is_found_as_is(no_env, tmp_path):
+    folder = tmp_path / "flux2"
+    touch(folder / "flux-2-klein-9b.safetensors")
+    touch(folder / "ae.safetensors")
+    touch(folder / "vae" / "config.json")
+    touch(folder / "text_encoder" / "config.json")
+    touch(folder / "tokenizer" / "tokenizer.json")
+    touch(folder / "ip-adapter.safetensors")
+    paths = find_weights(model_info("flux.2-klein-9b"), folder, download=False)
+    assert paths.transformer == folder / "flux-2-klein-9b.safetensors"
+    assert paths.ae == folder / "ae.safetensors"  # the native AE wins over a diffusers vae/
+    assert paths.text_encoder == folder / "text_encoder"
+    assert paths.tokenizer == folder / "tokenizer"
+
+
+def test_diffusers_repository_folder_is_found(no_env, tmp_path):
+    repo = tmp_path / "FLUX.2-klein-9B"
+    touch(repo / "model_index.json", json.dumps({"_class_name": "Flux2KleinPipeline"}).encode())
+    touch(repo / "transformer" / "diffusion_pytorch_model.safetensors")
+    touch(repo / "vae" / "diffusion_pytorch_model.safetensors")
+    touch(repo / "text_encoder" / "config.json")
+    touch(repo / "tokenizer" / "tokenizer.json")
+    paths = find_weights(model_info("flux.2-klein-9b"), repo, download=False)
+    assert (paths.transformer, paths.ae) == (repo / "transformer", repo / "vae")
+
+
+def test_environment_variables_come_first(no_env, tmp_path):
+    folder = tmp_path / "w"
+    touch(folder / "flux-2-klein-9b.safetensors")
+    touch(folder / "ae.safetensors")
+    touch(folder / "text_encoder" / "config.json")
+    own = touch(tmp_path / "elsewhere" / "my-klein.safetensors")
+    qwen = touch(tmp_path / "qwen" / "config.json").parent
+    no_env.setenv("KLEIN_9B_MODEL_PATH", str(own))
+    no_env.setenv("QWEN3_8B_PATH", str(qwen))
+    no_env.setenv("QWEN3_8B_TOKENIZER_PATH", str(qwen))
+    paths = find_weights(model_info("flux.2-klein-9b"), folder, download=False)
+    assert paths.transformer == own and paths.text_encoder == qwen and paths.ae == folder / "ae.safetensors"
+    no_env.setenv("AE_MODEL_PATH", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(WeightsNotFoundError, match="AE_MODEL_PATH is set to .* which does not exist"):
+        find_weights(model_info("flux.2-klein-9b"), folder, download=False)
+
+
+def test_nothing_found_offline_names_what_to_set(no_env, tmp_path):
+    with pytest.raises(WeightsNotFoundError) as err:
+        find_weights(model_info("flux.2-klein-9b"), tmp_path, download=False)
+    message = str(err.value)
+    assert "QWEN3_8B_PATH" in message and "FLUX2_WEIGHTS_DIR" in message and "Qwen/Qwen3-8B" in message
+    folder = tmp_path / "only-te"
+    touch(folder / "text_encoder" / "config.json")
+    touch(folder / "tokenizer" / "tokenizer.json")
+    with pytest.raises(WeightsNotFoundError, match="KLEIN_9B_MODEL_PATH"):
+        find_weights(model_info("flux.2-klein-9b"), folder, download=False)

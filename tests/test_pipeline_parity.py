@@ -1,0 +1,377 @@
+"""Whole-pipeline parity with diffusers 0.42.1's FLUX.2 pipelines on tiny random-weight models (fp32, CPU).
+
+Our `Flux2Pipeline` and diffusers' `Flux2KleinPipeline` / `Flux2KleinKVPipeline` / `Flux2Pipeline` run with the
+same random weights (our state dicts mapped through `flux2.checkpoints`, loaded strictly), the same text encoder
+objects, the same seed and the same reference image; the final latents and decoded images must agree.
+Each comparison has a negative control: one documented ingredient changed must break it by orders of magnitude.
+
+Known, accounted-for divergences (so agreement is to fp32 rounding, not bit-exact):
+- schedule: diffusers builds sigmas as float32 numpy `linspace(1, 1/N, N)` + shift; ours torch `linspace(1, 0, N+1)`;
+- diffusers passes `timestep = sigma * 1000` and divides by 1000 before the model; it does the Euler step in fp32
+  with float32 `sigma_next - sigma`; its RoPE tables are float64, ours float32;
+- decoded images: diffusers' "pt"/"np" output is `(x / 2 + 0.5).clamp(0, 1)`; its "pil" rounds to uint8, while
+  ours (like the reference) truncates, so uint8 images are compared within one level;
+- reference images: diffusers caps each at 1024² px, ours a single one at 2024² (the reference's cap), so the
+  reference used here is small enough for neither cap to apply; diffusers' output size defaults to the first
+  reference's size, so height/width are always passed.
+
+Run with `--log-cli-level=INFO` to see every measured difference (and the summary at the end).
+"""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as DIFFUSERS_SYSTEM_MESSAGE
+from PIL import Image, ImageChops
+from torch import Tensor, nn
+
+from flux2.autoencoder import AutoEncoder, AutoEncoderParams
+from flux2.checkpoints.autoencoder import ae_original_to_diffusers
+from flux2.checkpoints.transformer import transformer_original_to_diffusers
+from flux2.model import Flux2
+from flux2.pipeline import Flux2Pipeline
+from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS
+from flux2.sampling import get_schedule
+from flux2.text_encoder import SYSTEM_MESSAGE, Mistral3SmallEmbedder, Qwen3Embedder
+from flux2.tiny import random_ae, random_flow_model
+from flux2.tiny_text_encoders import tiny_mistral3, tiny_qwen3
+
+log = logging.getLogger(__name__)
+
+PROMPT = "a red fox jumping over a frozen creek at dawn"
+SEED = 1234
+WIDTH, HEIGHT = 96, 64  # non-square, so a swapped h/w anywhere shows; a 6 x 4 latent grid (24 tokens)
+PATCH_PX = 16  # pixels per latent token: 8x VAE downsampling, then the 2x2 patchify
+
+# Max-abs tolerances, fp32. Latents are normalised (about unit scale), images are in [0, 1].
+LATENT_TOL = 1e-4
+IMAGE_TOL = 1e-4
+UINT8_TOL = 1  # truncation (ours) vs rounding (diffusers) of values that differ by ~1e-6
+CONTROL_FACTOR = 100  # a negative control must exceed the tolerance by at least this factor
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@pytest.fixture(scope="module")
+def report() -> Iterator[dict[str, float]]:
+    """Every measured max-abs difference, logged one by one and once more together at the end of the module."""
+    measured: dict[str, float] = {}
+    yield measured
+    log.info("pipeline parity, max-abs differences:\n%s", "\n".join(f"  {k}: {v:.3e}" for k, v in measured.items()))
+
+
+def measure(report: dict[str, float], name: str, ours: Tensor | np.ndarray, theirs: Tensor | np.ndarray) -> float:
+    ours_t, theirs_t = torch.as_tensor(ours), torch.as_tensor(theirs)
+    assert ours_t.shape == theirs_t.shape, f"{name}: shape {tuple(ours_t.shape)} vs {tuple(theirs_t.shape)}"
+    diff = (ours_t.double() - theirs_t.double()).abs().max().item()
+    report[name] = diff
+    log.info("%s: max-abs diff %.3e", name, diff)
+    return diff
+
+
+def assert_control_fails(diff: float, tol: float, what: str) -> None:
+    assert diff > CONTROL_FACTOR * tol, f"negative control ({what}) did not break the comparison: {diff:.3e}"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Matmuls this small are slower, and erratic, when torch splits them over threads on 2 shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingAE(AutoEncoder):
+    """Our autoencoder, keeping the last decode's input latents and float output for the comparisons."""
+
+    last_decode: tuple[Tensor, Tensor] | None = None
+
+    def decode(self, z: Tensor) -> Tensor:
+        pixels = super().decode(z)
+        self.last_decode = (z.detach().clone(), pixels.detach().clone())
+        return pixels
+
+
+def recording_ae(params: AutoEncoderParams, seed: int) -> RecordingAE:
+    ae = RecordingAE(params)
+    ae.load_state_dict(random_ae(params, seed=seed).state_dict(), strict=True)
+    return ae.eval()
+
+
+def diffusers_transformer(model: Flux2) -> Flux2Transformer2DModel:
+    """diffusers' twin of our transformer: same sizes, our weights through the documented key mapping."""
+    p = model.params
+    theirs = Flux2Transformer2DModel(
+        in_channels=p.in_channels,
+        num_layers=p.depth,
+        num_single_layers=p.depth_single_blocks,
+        attention_head_dim=p.head_dim,
+        num_attention_heads=p.num_heads,
+        joint_attention_dim=p.context_in_dim,
+        mlp_ratio=p.mlp_ratio,
+        axes_dims_rope=tuple(p.axes_dim),
+        rope_theta=p.theta,
+        guidance_embeds=p.use_guidance_embed,
+    )
+    theirs.load_state_dict(transformer_original_to_diffusers(model.state_dict()), strict=True)
+    return theirs.eval()
+
+
+def diffusers_ae(ae: AutoEncoder) -> AutoencoderKLFlux2:
+    """diffusers' twin of our autoencoder; the BatchNorm running statistics travel with the state dict."""
+    p = ae.params
+    theirs = AutoencoderKLFlux2(
+        block_out_channels=tuple(p.ch * m for m in p.ch_mult),
+        layers_per_block=p.num_res_blocks,  # both add one resnet per decoder level
+        latent_channels=p.z_channels,
+        norm_num_groups=p.norm_groups,
+    )
+    theirs.load_state_dict(ae_original_to_diffusers(ae.state_dict()), strict=True)
+    assert torch.equal(theirs.bn.running_var, ae.bn.running_var)
+    return theirs.eval()
+
+
+def flux2_scheduler(**overrides) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler config of diffusers' FLUX.2 repos (FLUX.1's, with dynamic shifting).
+
+    With `mu` passed by the pipeline, only `use_dynamic_shifting`, `time_shift_type` and `shift_terminal` change
+    `set_timesteps`; base_shift / max_shift / the seq-len bounds are not read. Without `use_dynamic_shifting`,
+    `mu` is silently ignored and the static `shift` is applied instead.
+    """
+    config = dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+        shift_terminal=None,
+    )
+    return FlowMatchEulerDiscreteScheduler(**{**config, **overrides})
+
+
+@dataclass
+class Twins:
+    """Our pipeline and the diffusers components holding the same weights."""
+
+    ours: Flux2Pipeline
+    transformer: Flux2Transformer2DModel  # diffusers' copy of ours.flow_model
+    vae: AutoencoderKLFlux2  # diffusers' copy of ours.ae
+    text_model: nn.Module  # the transformers model both sides encode with
+    tokenizer: object
+
+
+@pytest.fixture(scope="module")
+def ae_pair() -> tuple[RecordingAE, AutoencoderKLFlux2]:
+    ae = recording_ae(TINY_AE_PARAMS, seed=2)
+    return ae, diffusers_ae(ae)
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return tiny_qwen3(seed=0)
+
+
+@pytest.fixture(scope="module")
+def klein_flow() -> Flux2:
+    return random_flow_model(TINY_PARAMS, seed=1).eval()  # no guidance embedder, as klein
+
+
+@pytest.fixture(scope="module")
+def klein_transformer(klein_flow) -> Flux2Transformer2DModel:
+    return diffusers_transformer(klein_flow)
+
+
+@pytest.fixture(scope="module")
+def klein_encoder(qwen3) -> Qwen3Embedder:
+    model, tokenizer = qwen3
+    return Qwen3Embedder(model, tokenizer=tokenizer, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def klein(klein_flow, klein_transformer, klein_encoder, ae_pair, qwen3):
+    """Our klein pipeline for a registry name (its loop: distilled, CFG or KV), with its diffusers twins."""
+    ae, vae = ae_pair
+
+    def make(name: str, transformer: Flux2Transformer2DModel | None = None) -> Twins:
+        ours = Flux2Pipeline(
+            name, device="cpu", dtype=torch.float32, flow_model=klein_flow, ae=ae, text_encoder=klein_encoder
+        )
+        return Twins(ours, transformer or klein_transformer, vae, *qwen3)
+
+    return make
+
+
+def klein_pipeline(twins: Twins, is_distilled: bool, **scheduler_overrides) -> Flux2KleinPipeline:
+    pipe = Flux2KleinPipeline(
+        scheduler=flux2_scheduler(**scheduler_overrides),
+        vae=twins.vae,
+        text_encoder=twins.text_model,
+        tokenizer=twins.tokenizer,
+        transformer=twins.transformer,
+        is_distilled=is_distilled,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reference_image() -> Image.Image:
+    """80 x 72 px: cropped to 80 x 64 by both sides (centre crop, top offset 4); far below either pixel cap."""
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 256, size=(72, 80, 3), dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------- running both sides
+
+
+@contextmanager
+def recorded_calls(module: nn.Module) -> Iterator[list[tuple[tuple, dict]]]:
+    """(args, kwargs) of every `module(...)` call made inside the block."""
+    calls: list[tuple[tuple, dict]] = []
+    handle = module.register_forward_pre_hook(lambda _m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Result:
+    latents: Tensor  # final normalised latents [1, 128-ish, h, w], before the BN inverse and decode
+    image: Tensor  # [1, 3, H, W] in [0, 1]
+    calls: list[tuple[tuple, dict]]  # transformer calls (plain forward only; our KV forwards are not hooked)
+    uint8: np.ndarray | None = None  # [H, W, 3], ours only
+
+
+def run_ours(pipe: Flux2Pipeline, seed: int = SEED, **kwargs) -> Result:
+    pipe.ae.last_decode = None
+    with recorded_calls(pipe.flow_model) as calls:
+        [out] = pipe.generate(PROMPT, width=WIDTH, height=HEIGHT, seed=seed, **kwargs)
+    z, pixels = pipe.ae.last_decode
+    return Result(z, (pixels / 2 + 0.5).clamp(0, 1), calls, np.asarray(out.image))
+
+
+def run_diffusers(pipe, seed: int = SEED, **kwargs) -> Result:
+    """A diffusers FLUX.2 pipeline with a CPU generator (the noise ours draws); latents taken after the last step."""
+    final: dict[str, Tensor] = {}
+
+    def keep_latents(_pipe, _i, _t, tensors):
+        final["latents"] = tensors["latents"]
+        return {}
+
+    with recorded_calls(pipe.transformer) as calls:
+        images = pipe(
+            prompt=PROMPT,
+            height=HEIGHT,
+            width=WIDTH,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+            callback_on_step_end=keep_latents,
+            **kwargs,
+        ).images
+    return Result(unpack(final["latents"]), images, calls)
+
+
+def unpack(tokens: Tensor) -> Tensor:
+    """diffusers' packed target tokens [B, h*w, C] (row-major) -> [B, C, h, w]."""
+    b, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, HEIGHT // PATCH_PX, WIDTH // PATCH_PX)
+
+
+def compare(report: dict[str, float], name: str, ours: Result, theirs: Result) -> tuple[float, float]:
+    latent_diff = measure(report, f"{name} latents", ours.latents, theirs.latents)
+    image_diff = measure(report, f"{name} image", ours.image, theirs.image)
+    return latent_diff, image_diff
+
+
+def assert_parity(report: dict[str, float], name: str, ours: Result, theirs: Result) -> None:
+    latent_diff, image_diff = compare(report, name, ours, theirs)
+    assert latent_diff < LATENT_TOL, f"{name}: latents differ by {latent_diff:.3e}"
+    assert image_diff < IMAGE_TOL, f"{name}: images differ by {image_diff:.3e}"
+    if ours.uint8 is not None:
+        # Our uint8 image is the truncated float image; diffusers' float image truncated the same way.
+        theirs_uint8 = (theirs.image[0].permute(1, 2, 0) * 255.0).to(torch.uint8).numpy()
+        uint8_diff = measure(report, f"{name} uint8", ours.uint8.astype(np.int16), theirs_uint8.astype(np.int16))
+        assert uint8_diff <= UINT8_TOL, f"{name}: uint8 images differ by {uint8_diff} levels"
+
+
+def assert_control(report: dict[str, float], name: str, ours: Result, theirs: Result, what: str) -> None:
+    latent_diff, image_diff = compare(report, f"{name} [control: {what}]", ours, theirs)
+    assert_control_fails(latent_diff, LATENT_TOL, what)
+    assert_control_fails(image_diff, IMAGE_TOL, what)
+
+
+# ----------------------------------------------------------------------------- building blocks first
+
+
+def test_schedule_matches_dynamic_shifting_scheduler(report):
+    """Our schedule vs the scheduler fed diffusers' sigmas and mu; without dynamic shifting mu is ignored."""
+    steps, seq_len = 4, (WIDTH // PATCH_PX) * (HEIGHT // PATCH_PX)
+    ours = torch.tensor(get_schedule(steps, seq_len))
+    mu = diffusers.pipelines.flux2.pipeline_flux2_klein.compute_empirical_mu(seq_len, steps)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    for name, scheduler in [("dynamic", flux2_scheduler()), ("static", flux2_scheduler(use_dynamic_shifting=False))]:
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        diff = measure(report, f"schedule ({name} shifting)", ours, scheduler.sigmas)
+        if name == "dynamic":
+            assert diff < 1e-5
+            assert torch.equal(scheduler.timesteps, scheduler.sigmas[:-1] * 1000)
+        else:
+            assert_control_fails(diff, 1e-5, "use_dynamic_shifting=False")
+
+
+def test_noise_text_and_ids_are_identical(klein_parts, qwen3, report):
+    """The first transformer call of both pipelines: same noise (bit for bit), same text embeddings and ids."""
+    twins = klein_twins("flux.2-klein-4b", klein_parts, qwen3)
+    with recorded_calls(twins.ours.flow_model) as ours_calls:
+        twins.ours.generate(PROMPT, width=WIDTH, height=HEIGHT, seed=SEED)
+    with recorded_calls(twins.transformer) as their_calls:
+        run_diffusers(klein_pipeline(twins, is_distilled=True), num_inference_steps=4, guidance_scale=1.0)
+    (x, x_ids, t, ctx, ctx_ids, guidance), _ = ours_calls[0]
+    theirs = their_calls[0][1]
+    assert torch.equal(x, theirs["hidden_states"]), "initial noise differs"
+    assert torch.equal(x_ids, theirs["img_ids"])
+    assert torch.equal(ctx, theirs["encoder_hidden_states"])
+    assert torch.equal(ctx_ids, theirs["txt_ids"])
+    # The reference's `denoise` always passes the guidance vector; a model without guidance embedder ignores it.
+    assert theirs["guidance"] is None and guidance is not None and not twins.ours.flow_model.use_guidance_embed
+    measure(report, "first timestep", t, theirs["timestep"])
+    other_seed = run_diffusers(klein_pipeline(twins, is_distilled=True), seed=SEED + 1, num_inference_steps=4)
+    assert not torch.equal(x, other_seed.calls[0][1]["hidden_states"])
+
+
+# ----------------------------------------------------------------------------- 1. klein distilled, text-to-image
+
+
+def test_klein_distilled_text_to_image(klein_parts, qwen3, report):
+    twins = klein_twins("flux.2-klein-4b", klein_parts, qwen3)
+    ours = run_ours(twins.ours)
+    theirs = run_diffusers(klein_pipeline(twins, is_distilled=True), num_inference_steps=4, guidance_scale=1.0)
+    assert len(theirs.calls) == len(ours.calls) == 4
+    assert_parity(report, "klein distilled t2i", ours, theirs)
+
+    other_seed = run_diffusers(klein_pipeline(twins, is_distilled=True), seed=SEED + 1, num_inference_steps=4)
+    assert_control(report, "klein distilled t2i", ours, other_seed, "seed + 1")
+    static = klein_pipeline(twins, is_distilled=True, use_dynamic_shifting=False)
+    assert_control(report, "klein distilled t2i", ours, run_diffusers(static, num_inference_steps=4), "no mu")
