@@ -232,7 +232,12 @@ class Mistral3SmallEmbedder(nn.Module):
 
 
 def _load_processor(path: PathLike) -> TextPreprocessor:
-    return AutoProcessor.from_pretrained(path, use_fast=False)
+    try:
+        return AutoProcessor.from_pretrained(path, use_fast=False)
+    except ImportError:
+        # transformers 5's PixtralProcessor needs torchvision; text-only embedding needs just the tokenizer and
+        # its chat template, so fall back to it rather than make torchvision a dependency.
+        return AutoTokenizer.from_pretrained(path)
 
 
 def load_qwen3_embedder(
