@@ -55,8 +55,7 @@ _DIFFUSERS_MARKERS = ("encoder.down_blocks.", "decoder.up_blocks.", "quant_conv.
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ..., literal
     body = "".join(
-        re.escape(part) if n % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})"
-        for n, part in enumerate(parts)
+        re.escape(part) if n % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})" for n, part in enumerate(parts)
     )
     return re.compile(rf"^{body}$")
 
