@@ -119,11 +119,17 @@ class Flux2Pipeline:
         home = torch.device("cpu") if cpu_offload else self.device
         if self.info.is_tiny:
             log.warning("model 'tiny' has random weights: it is a self-test and produces noise images")
-        self.text_encoder = text_encoder or load_text_encoder(
-            self.info.name, home, weights_dir=weights_dir, dtype=self.dtype
+        self.text_encoder = (
+            text_encoder
+            if text_encoder is not None
+            else load_text_encoder(self.info.name, home, weights_dir=weights_dir, dtype=self.dtype)
         )
-        self.flow_model = flow_model or load_flow_model(self.info.name, home, weights_dir=weights_dir, dtype=self.dtype)
-        self.ae = ae or load_ae(self.info.name, home, weights_dir=weights_dir)
+        self.flow_model = (
+            flow_model
+            if flow_model is not None
+            else load_flow_model(self.info.name, home, weights_dir=weights_dir, dtype=self.dtype)
+        )
+        self.ae = ae if ae is not None else load_ae(self.info.name, home, weights_dir=weights_dir)
 
     # ------------------------------------------------------------------ public API
 
