@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import chain
 
 import torch
@@ -139,7 +140,16 @@ def resolve(args: argparse.Namespace) -> BenchConfig:
 
 
 def size_multiple(p: AutoEncoderParams) -> int:
+    """Pixels per latent token along a side: the VAE's x8 downsampling times the 2x2 patch (16)."""
     return 2 ** (len(p.ch_mult) - 1) * PATCH
+
+
+def latent_side(cfg: BenchConfig) -> int:
+    return cfg.size // size_multiple(cfg.ae_params)
+
+
+def img_tokens(cfg: BenchConfig) -> int:
+    return latent_side(cfg) ** 2
 
 
 # ----------------------------------------------------------------------------- models with random weights
@@ -227,7 +237,7 @@ class Inputs:
 
 
 def make_inputs(cfg: BenchConfig) -> Inputs:
-    p, side = cfg.params, cfg.size // size_multiple(cfg.ae_params)
+    p, side = cfg.params, latent_side(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     img, img_ids = batched_prc_img(torch.randn(1, p.in_channels, side, side, generator=gen))
     ctx, ctx_ids = batched_prc_txt(torch.randn(1, cfg.txt_len, p.context_in_dim, generator=gen))
@@ -301,8 +311,7 @@ def run_phase(
 
 def bench_forward(name: str, call: Callable[[], Tensor], cfg: BenchConfig) -> tuple[PhaseResult, Tensor]:
     result, out = run_phase(name, call, cfg.device, cfg.warmup, cfg.iters)
-    n_img = (cfg.size // size_multiple(cfg.ae_params)) ** 2
-    result.tflops = forward_tflop(cfg.params, n_img, cfg.txt_len) / (result.median_ms / 1e3)
+    result.tflops = forward_tflop(cfg.params, img_tokens(cfg), cfg.txt_len) / (result.median_ms / 1e3)
     return result, out
 
 
@@ -314,12 +323,12 @@ def bench_generate(model: nn.Module, ae: AutoEncoder, x: Inputs, cfg: BenchConfi
         z = torch.cat(scatter_ids(latents, x.img_ids)).squeeze(2)  # [B, C, h, w]
         return ae.decode(z.to(cfg.ae_dtype))
 
-    return run_phase(f"generate ({cfg.steps} steps + decode)", generate, cfg.device, min(cfg.warmup, 1),
-                     cfg.gen_iters)[0]  # fmt: skip
+    name = f"generate ({cfg.steps} steps + decode)"
+    return run_phase(name, generate, cfg.device, min(cfg.warmup, 1), cfg.gen_iters)[0]
 
 
 def bench_decode(ae: AutoEncoder, cfg: BenchConfig) -> PhaseResult:
-    side = cfg.size // size_multiple(cfg.ae_params)
+    side = latent_side(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     z = torch.randn(1, cfg.params.in_channels, side, side, generator=gen).to(cfg.device, cfg.ae_dtype)
     return run_phase("vae decode", lambda: ae.decode(z), cfg.device, cfg.warmup, cfg.iters)[0]
@@ -346,8 +355,8 @@ def parity(ours: Tensor, theirs: Tensor) -> dict:
 def sdpa_info(cfg: BenchConfig) -> dict:
     """Which fused attention kernels are enabled, and which one SDPA picks for this run's q/k/v."""
     p = cfg.params
-    q = torch.empty(1, p.num_heads, cfg.txt_len + (cfg.size // size_multiple(cfg.ae_params)) ** 2, p.head_dim,
-                    device=cfg.device, dtype=cfg.dtype)  # fmt: skip
+    seq = cfg.txt_len + img_tokens(cfg)
+    q = torch.empty(1, p.num_heads, seq, p.head_dim, device=cfg.device, dtype=cfg.dtype)
     info = {}
     if cfg.device.type == "cuda":
         info |= {
@@ -364,11 +373,18 @@ def sdpa_info(cfg: BenchConfig) -> dict:
 
 
 def environment(cfg: BenchConfig) -> dict:
-    env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "threads": torch.get_num_threads()}
+    env = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),  # "high" lets fp32 matmuls use TF32
+    }
     if cfg.device.type == "cuda":
         props = torch.cuda.get_device_properties(cfg.device)
-        env |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
-                "gpu_memory_gib": round(props.total_memory / GIB, 1), "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+        env["gpu"] = props.name
+        env["capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_gib"] = round(props.total_memory / GIB, 1)
+        env["cudnn"] = torch.backends.cudnn.version()
     else:
         env["cpu"] = platform.processor() or platform.machine()
     if "diffusers" in cfg.phases:
@@ -381,12 +397,12 @@ def settings_dict(cfg: BenchConfig, n_params: int) -> dict:
     dtype_name = {v: k for k, v in DTYPES.items()}
     return {
         "model": "tiny" if cfg.tiny else "klein-4b",
-        "params_billions": round(n_params / 1e9, 3),
+        "params": n_params,
         "device": str(cfg.device),
         "dtype": dtype_name[cfg.dtype],
         "ae_dtype": dtype_name[cfg.ae_dtype],
         "size": cfg.size,
-        "img_tokens": (cfg.size // size_multiple(cfg.ae_params)) ** 2,
+        "img_tokens": img_tokens(cfg),
         "txt_tokens": cfg.txt_len,
         "steps": cfg.steps,
         "compile": cfg.compile,
@@ -404,27 +420,45 @@ def format_table(report: dict) -> str:
     device = env.get("gpu") or env.get("cpu")
     lines = [
         f"torch {env['torch']} (CUDA {env['torch_cuda']}) on {s['device']}: {device}; SDPA {env['sdpa']}",
-        f"{s['model']} ({s['params_billions']}B params) {s['dtype']}, AE {s['ae_dtype']}, {s['size']}x{s['size']}"
+        f"{s['model']} ({s['params'] / 1e6:,.1f}M params) {s['dtype']}, AE {s['ae_dtype']}, {s['size']}x{s['size']}"
         f" = {s['img_tokens']} img + {s['txt_tokens']} txt tokens, compile={s['compile']}",
         "",
         f"{'phase':<32} {'median ms':>10} {'min ms':>9} {'first ms':>9} {'n':>3} {'resident GiB':>13}"
         f" {'peak GiB':>9} {'TFLOP/s':>8}",
     ]
     for r in report["phases"]:
-        tflops = "-" if r["tflops"] is None else f"{r['tflops']:.1f}"
+        tflops = "-" if r["tflops"] is None else f"{r['tflops']:.3g}"
         lines.append(
             f"{r['name']:<32} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['first_ms']:>9.1f} {r['iters']:>3}"
             f" {_gib(r['resident_gib']):>13} {_gib(r['peak_gib']):>9} {tflops:>8}"
         )
     if p := report.get("parity"):
         lines.append(
-            f"\nflux2 vs diffusers output: max |diff| {p['max_abs']:.3e}, mean |diff| {p['mean_abs']:.3e}; "
-            f"output RMS {p['ref_rms']:.3e} -> max/RMS {p['max_abs_over_rms']:.3e}, mean/RMS {p['mean_abs_over_rms']:.3e}"
+            f"\nflux2 vs diffusers output: max |diff| {p['max_abs']:.3e}, mean |diff| {p['mean_abs']:.3e};"
+            f" diffusers output RMS {p['ref_rms']:.3e}, max |output| {p['ref_max_abs']:.3e}"
+            f"\n  relative to the RMS: max {p['max_abs_over_rms']:.3e}, mean {p['mean_abs_over_rms']:.3e}"
         )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def flux2_forward(model: nn.Module, x: Inputs) -> Tensor:
+    return model(x.img, x.img_ids, x.sigma, x.ctx, x.ctx_ids, None)
+
+
+def diffusers_forward(twin: nn.Module, x: Inputs) -> Tensor:
+    """diffusers takes the timestep as sigma in [0, 1] (it multiplies by 1000 itself) and ids [L, 4] or [1, L, 4]."""
+    return twin(
+        hidden_states=x.img,
+        encoder_hidden_states=x.ctx,
+        timestep=x.sigma,
+        img_ids=x.img_ids,
+        txt_ids=x.ctx_ids,
+        guidance=None,
+        return_dict=False,
+    )[0]
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -436,18 +470,16 @@ def run(cfg: BenchConfig) -> dict:
     if cfg.compile:  # a transform of the built models; the first call of each phase pays for it
         model = torch.compile(model)
         twin = torch.compile(twin) if twin is not None else None
-    x = make_inputs(cfg)
-    phases = report["phases"]
+    phases = []
     with torch.inference_mode():
-        ours = None
-        if "forward" in cfg.phases or twin is not None:
-            r, ours = bench_forward("flux2 forward", lambda: model(x.img, x.img_ids, x.sigma, x.ctx, x.ctx_ids, None), cfg)
-            phases.append(r)
+        # Inputs made here are inference tensors like the ones `denoise` makes; mixing kinds recompiles.
+        x = make_inputs(cfg)
+        if "forward" in cfg.phases or twin is not None:  # the diffusers comparison needs our output
+            result, ours = bench_forward("flux2 forward", partial(flux2_forward, model, x), cfg)
+            phases.append(result)
         if twin is not None:
-            r, theirs = bench_forward("diffusers forward", lambda: twin(
-                hidden_states=x.img, encoder_hidden_states=x.ctx, timestep=x.sigma, img_ids=x.img_ids,
-                txt_ids=x.ctx_ids, guidance=None, return_dict=False)[0], cfg)  # fmt: skip
-            phases.append(r)
+            result, theirs = bench_forward("diffusers forward", partial(diffusers_forward, twin, x), cfg)
+            phases.append(result)
             report["parity"] = parity(ours, theirs)
             del twin, theirs
         if {"generate", "decode"} & set(cfg.phases):
