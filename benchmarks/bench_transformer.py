@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from flux2.autoencoder import PATCH, AutoEncoder, AutoEncoderParams
-from flux2.checkpoints.transformer import transformer_original_to_diffusers
+from flux2.checkpoints.transformer import diffusers_transformer_config, transformer_original_to_diffusers
 from flux2.model import Flux2, Flux2Params, Klein4BParams, RMSNorm
 from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS
 from flux2.sampling import batched_prc_img, batched_prc_txt, denoise, get_schedule, scatter_ids
@@ -182,22 +182,6 @@ def build_random(make: Callable[[], nn.Module], device: torch.device, dtype: tor
     return init_random_(model, seed).eval().requires_grad_(False)
 
 
-def diffusers_config(p: Flux2Params) -> dict:
-    """Flux2Transformer2DModel's config for our sizes (klein-4B: 5 + 20 layers, 24 heads of 128, 7680 ctx)."""
-    return dict(
-        in_channels=p.in_channels,
-        num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks,
-        attention_head_dim=p.head_dim,
-        num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim,
-        mlp_ratio=p.mlp_ratio,
-        axes_dims_rope=tuple(p.axes_dim),
-        rope_theta=p.theta,
-        guidance_embeds=p.use_guidance_embed,
-    )
-
-
 @torch.no_grad()
 def diffusers_twin(model: Flux2) -> nn.Module:
     """diffusers' transformer holding the same weights: the converted tensors are views of ours (q/k/v chunks),
@@ -207,7 +191,7 @@ def diffusers_twin(model: Flux2) -> nn.Module:
     except ImportError as e:
         sys.exit(f"the diffusers phase needs diffusers (pip install -e '.[test]'), or drop it with --phases: {e}")
     with torch.device("meta"):
-        twin = Flux2Transformer2DModel(**diffusers_config(model.params))
+        twin = Flux2Transformer2DModel(**diffusers_transformer_config(model.params))
     twin.load_state_dict(transformer_original_to_diffusers(model.state_dict()), strict=True, assign=True)
     if still_meta := [n for n, t in chain(twin.named_parameters(), twin.named_buffers()) if t.is_meta]:
         raise ValueError(f"diffusers model has tensors the checkpoint did not fill: {still_meta[:10]}")

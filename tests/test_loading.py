@@ -9,8 +9,9 @@ from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from safetensors.torch import save_file
 
 from flux2.checkpoints import CheckpointError, load_strict
-from flux2.checkpoints.autoencoder import ae_original_to_diffusers
+from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae_config
 from flux2.checkpoints.transformer import (
+    diffusers_transformer_config,
     params_from_state_dict,
     transformer_diffusers_to_original,
     transformer_original_to_diffusers,
@@ -23,16 +24,7 @@ from flux2.weights import WeightsNotFoundError, find_weights
 
 
 def diffusers_transformer(params: Flux2Params) -> Flux2Transformer2DModel:
-    return Flux2Transformer2DModel(
-        in_channels=params.in_channels,
-        num_layers=params.depth,
-        num_single_layers=params.depth_single_blocks,
-        attention_head_dim=params.head_dim,
-        num_attention_heads=params.num_heads,
-        joint_attention_dim=params.context_in_dim,
-        axes_dims_rope=tuple(params.axes_dim),
-        guidance_embeds=params.use_guidance_embed,
-    )
+    return Flux2Transformer2DModel(**diffusers_transformer_config(params))
 
 
 def equal_state(a: dict, b: dict) -> bool:
@@ -110,9 +102,7 @@ def test_loaded_weights_are_assigned_not_copied(tiny_model, tmp_path):
 def test_ae_file_and_diffusers_vae_folder(tmp_path):
     ae = random_ae(TINY_AE_PARAMS, seed=2)
     save_file(ae.state_dict(), tmp_path / "ae.safetensors")
-    vae = AutoencoderKLFlux2(
-        sample_size=64, block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4
-    )
+    vae = AutoencoderKLFlux2(**diffusers_ae_config(TINY_AE_PARAMS))
     vae.load_state_dict(ae_original_to_diffusers(ae.state_dict()))
     vae.save_pretrained(tmp_path / "vae")
     from_file = load_ae("tiny", "cpu", path=tmp_path / "ae.safetensors")

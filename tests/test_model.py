@@ -8,7 +8,7 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
 
-from flux2.checkpoints.transformer import transformer_original_to_diffusers
+from flux2.checkpoints.transformer import diffusers_transformer_config, transformer_original_to_diffusers
 from flux2.model import Flux2, Flux2Params, Klein4BParams, Klein9BParams
 from flux2.sampling import batched_prc_img, batched_prc_txt, listed_prc_img
 from flux2.tiny import random_flow_model
@@ -29,17 +29,7 @@ TOL = 2e-6  # relative to the output scale: float32 rounding (diffusers computes
 
 
 def oracle(params: Flux2Params, ours: Flux2) -> Flux2Transformer2DModel:
-    model = Flux2Transformer2DModel(
-        in_channels=params.in_channels,
-        num_layers=params.depth,
-        num_single_layers=params.depth_single_blocks,
-        attention_head_dim=params.head_dim,
-        num_attention_heads=params.num_heads,
-        joint_attention_dim=params.context_in_dim,
-        axes_dims_rope=tuple(params.axes_dim),
-        rope_theta=params.theta,
-        guidance_embeds=params.use_guidance_embed,
-    )
+    model = Flux2Transformer2DModel(**diffusers_transformer_config(params))
     model.load_state_dict(transformer_original_to_diffusers(ours.state_dict()), strict=True)
     return model.eval()
 

@@ -43,8 +43,8 @@ from PIL import Image, ImageChops
 from torch import Tensor, nn
 
 from flux2.autoencoder import AutoEncoder, AutoEncoderParams
-from flux2.checkpoints.autoencoder import ae_original_to_diffusers
-from flux2.checkpoints.transformer import transformer_original_to_diffusers
+from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae_config
+from flux2.checkpoints.transformer import diffusers_transformer_config, transformer_original_to_diffusers
 from flux2.model import Flux2
 from flux2.pipeline import Flux2Pipeline
 from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS
@@ -129,32 +129,14 @@ def recording_ae(params: AutoEncoderParams, seed: int) -> RecordingAE:
 
 def diffusers_transformer(model: Flux2) -> Flux2Transformer2DModel:
     """diffusers' twin of our transformer: same sizes, our weights through the documented key mapping."""
-    p = model.params
-    theirs = Flux2Transformer2DModel(
-        in_channels=p.in_channels,
-        num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks,
-        attention_head_dim=p.head_dim,
-        num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim,
-        mlp_ratio=p.mlp_ratio,
-        axes_dims_rope=tuple(p.axes_dim),
-        rope_theta=p.theta,
-        guidance_embeds=p.use_guidance_embed,
-    )
+    theirs = Flux2Transformer2DModel(**diffusers_transformer_config(model.params))
     theirs.load_state_dict(transformer_original_to_diffusers(model.state_dict()), strict=True)
     return theirs.eval()
 
 
 def diffusers_ae(ae: AutoEncoder) -> AutoencoderKLFlux2:
     """diffusers' twin of our autoencoder; the BatchNorm running statistics travel with the state dict."""
-    p = ae.params
-    theirs = AutoencoderKLFlux2(
-        block_out_channels=tuple(p.ch * m for m in p.ch_mult),
-        layers_per_block=p.num_res_blocks,  # both add one resnet per decoder level
-        latent_channels=p.z_channels,
-        norm_num_groups=p.norm_groups,
-    )
+    theirs = AutoencoderKLFlux2(**diffusers_ae_config(ae.params))
     theirs.load_state_dict(ae_original_to_diffusers(ae.state_dict()), strict=True)
     assert torch.equal(theirs.bn.running_var, ae.bn.running_var)
     return theirs.eval()

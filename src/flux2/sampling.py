@@ -197,12 +197,28 @@ def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
 # ----------------------------------------------------------------------------- denoising
 
 
-def _steps(timesteps: list[float], callback: StepCallback | None):
+# A velocity function maps (latents [B, L, C], t as a [B] tensor in the latents' dtype) to dx/dt.
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+
+def euler(img: Tensor, timesteps: list[float], velocity: Velocity, callback: StepCallback | None = None) -> Tensor:
+    """The one Euler loop behind every denoiser: img += (t_prev - t_curr) * v(img, t_curr)."""
     total = len(timesteps) - 1
     for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
         if callback is not None:
             callback(i, total)
-        yield i, t_curr, t_prev
+        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)  # rounded like the ref
+        img = img + (t_prev - t_curr) * velocity(img, t_vec)
+    return img
+
+
+def _guidance_vec(guidance: float | None, img: Tensor) -> Tensor | None:
+    return None if guidance is None else torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
+
+
+def _twice(t: Tensor | None) -> Tensor | None:
+    """Repeat along the batch for the [uncond; cond] halves of CFG."""
+    return None if t is None else torch.cat([t, t])
 
 
 def _with_refs(img, img_ids, img_cond_seq, img_cond_seq_ids) -> tuple[Tensor, Tensor]:
@@ -227,16 +243,13 @@ def denoise(
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Euler integration from timesteps[0] to timesteps[-1]; returns the denoised packed latents."""
-    guidance_vec = (
-        None if guidance is None else torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
-    )
-    num_img = img.shape[1]
-    for _, t_curr, t_prev in _steps(timesteps, callback):
-        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
-        x, x_ids = _with_refs(img, img_ids, img_cond_seq, img_cond_seq_ids)
-        pred = model(x, x_ids, t_vec, txt, txt_ids, guidance_vec)[:, :num_img]
-        img = img + (t_prev - t_curr) * pred
-    return img
+    guidance_vec = _guidance_vec(guidance, img)
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        seq, seq_ids = _with_refs(x, img_ids, img_cond_seq, img_cond_seq_ids)
+        return model(seq, seq_ids, t, txt, txt_ids, guidance_vec)[:, : x.shape[1]]
+
+    return euler(img, timesteps, velocity, callback)
 
 
 @torch.no_grad()
@@ -256,20 +269,18 @@ def denoise_cached(
     """The klein KV loop: reference K/V extracted at the first step and reused at the others."""
     if img_cond_seq is None or img_cond_seq_ids is None:
         raise ValueError("denoise_cached needs reference tokens (img_cond_seq and img_cond_seq_ids)")
-    guidance_vec = (
-        None if guidance is None else torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
-    )
+    guidance_vec = _guidance_vec(guidance, img)
     cache = None
-    for _, t_curr, t_prev in _steps(timesteps, callback):
-        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal cache
         if cache is None:
-            pred, cache = model.forward_kv_extract(
-                img, img_ids, t_vec, txt, txt_ids, guidance_vec, img_cond_seq, img_cond_seq_ids
-            )
-        else:
-            pred = model.forward_kv_cached(img, img_ids, t_vec, txt, txt_ids, guidance_vec, cache)
-        img = img + (t_prev - t_curr) * pred
-    return img
+            pred, cache = model.forward_kv_extract(x, img_ids, t, txt, txt_ids, guidance_vec, img_cond_seq,
+                                                   img_cond_seq_ids)  # fmt: skip
+            return pred
+        return model.forward_kv_cached(x, img_ids, t, txt, txt_ids, guidance_vec, cache)
+
+    return euler(img, timesteps, velocity, callback)
 
 
 @torch.no_grad()
@@ -292,14 +303,11 @@ def denoise_cfg(
     """
     if txt.shape[0] != 2 * img.shape[0]:
         raise ValueError(f"denoise_cfg needs txt = [uncond; cond]: batch {txt.shape[0]} != 2 x {img.shape[0]}")
-    num_img = img.shape[1]
-    img_ids2 = torch.cat([img_ids, img_ids])
-    refs2 = None if img_cond_seq is None else torch.cat([img_cond_seq, img_cond_seq])
-    ref_ids2 = None if img_cond_seq_ids is None else torch.cat([img_cond_seq_ids, img_cond_seq_ids])
-    for _, t_curr, t_prev in _steps(timesteps, callback):
-        t_vec = torch.full((txt.shape[0],), t_curr, dtype=img.dtype, device=img.device)
-        x, x_ids = _with_refs(torch.cat([img, img]), img_ids2, refs2, ref_ids2)
-        uncond, cond = model(x, x_ids, t_vec, txt, txt_ids, None)[:, :num_img].chunk(2)
-        pred = uncond + guidance * (cond - uncond)
-        img = img + (t_prev - t_curr) * pred
-    return img
+    img_ids2, refs2, ref_ids2 = _twice(img_ids), _twice(img_cond_seq), _twice(img_cond_seq_ids)
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        seq, seq_ids = _with_refs(_twice(x), img_ids2, refs2, ref_ids2)
+        uncond, cond = model(seq, seq_ids, _twice(t), txt, txt_ids, None)[:, : x.shape[1]].chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return euler(img, timesteps, velocity, callback)

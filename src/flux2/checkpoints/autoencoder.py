@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
+from flux2.autoencoder import AutoEncoderParams
+
 # Placeholders in the key templates, with what they match. `u` is a decoder level, renumbered on the way.
 _PLACEHOLDERS = {
     "s": r"encoder|decoder",
@@ -127,3 +129,13 @@ def ae_diffusers_to_original(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def is_diffusers_ae(sd: Mapping[str, Tensor]) -> bool:
     """True if the keys are in the diffusers layout; False means they are not (e.g. the BFL layout)."""
     return any(k.startswith(_DIFFUSERS_MARKERS) for k in sd)
+
+
+def diffusers_ae_config(params: AutoEncoderParams) -> dict:
+    """`AutoencoderKLFlux2` config of the same architecture; both add one resnet per decoder level."""
+    return dict(
+        block_out_channels=tuple(params.ch * m for m in params.ch_mult),
+        layers_per_block=params.num_res_blocks,
+        latent_channels=params.z_channels,
+        norm_num_groups=params.norm_groups,
+    )

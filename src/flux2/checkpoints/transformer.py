@@ -182,3 +182,19 @@ def params_from_state_dict(sd: dict[str, Tensor]) -> Flux2Params:
         mlp_ratio=mlp_hidden / hidden,
         use_guidance_embed="guidance_in.in_layer.weight" in sd,
     )
+
+
+def diffusers_transformer_config(params: Flux2Params) -> dict:
+    """`Flux2Transformer2DModel` config of the same architecture (to write or read a diffusers folder)."""
+    return dict(
+        in_channels=params.in_channels,
+        num_layers=params.depth,
+        num_single_layers=params.depth_single_blocks,
+        attention_head_dim=params.head_dim,
+        num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim,
+        mlp_ratio=params.mlp_ratio,
+        axes_dims_rope=tuple(params.axes_dim),
+        rope_theta=params.theta,
+        guidance_embeds=params.use_guidance_embed,
+    )
