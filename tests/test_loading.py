@@ -187,3 +187,19 @@ def test_nothing_found_offline_names_what_to_set(no_env, tmp_path):
     touch(folder / "tokenizer" / "tokenizer.json")
     with pytest.raises(WeightsNotFoundError, match="KLEIN_9B_MODEL_PATH"):
         find_weights(model_info("flux.2-klein-9b"), folder, download=False)
+
+
+def test_text_encoder_loads_from_the_discovered_folder(no_env, tmp_path):
+    """QWEN3_4B_PATH pointing at a saved (tiny) Qwen3 folder goes through discovery into the real loader."""
+    from flux2.tiny_text_encoders import save_tiny_qwen3, tiny_qwen3
+    from flux2.util import load_text_encoder
+
+    folder = save_tiny_qwen3(tmp_path / "qwen3")
+    no_env.setenv("QWEN3_4B_PATH", str(folder))
+    no_env.delenv("QWEN3_4B_TOKENIZER_PATH", raising=False)
+    encoder = load_text_encoder("flux.2-klein-4b", "cpu", dtype=torch.float32)
+    model, tokenizer = tiny_qwen3()
+    from flux2.text_encoder import Qwen3Embedder
+
+    expected = Qwen3Embedder(model, "cpu", tokenizer=tokenizer, dtype=torch.float32)(["a fox"])
+    assert torch.equal(encoder(["a fox"]), expected)
