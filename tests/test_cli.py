@@ -30,6 +30,13 @@ def test_generate_json_output_and_no_overwrite(tmp_path):
     assert (tmp_path / path).exists()
 
 
+def test_several_images_to_one_png_name(tmp_path):
+    args = ["generate", "x", "--model", "tiny", "--width", "32", "--height", "32", "--num-images", "2", "--json"]
+    result = run(*args, "-o", "fox.png", cwd=tmp_path)
+    assert json.loads(result.stdout)["outputs"] == ["fox.png", "fox-1.png"]
+    assert (tmp_path / "fox.png").is_file() and (tmp_path / "fox-1.png").is_file()
+
+
 def test_model_from_environment_and_seed_always_reported(tmp_path):
     result = run("generate", "a ship", "--width", "32", "--height", "32", cwd=tmp_path, env={"FLUX2_MODEL": "tiny"})
     assert result.returncode == 0, result.stderr
@@ -43,6 +50,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--model", "tiny", "--steps", "-2"], "num_steps must be a positive integer"),
         (["--model", "tiny", "-i", "missing.png"], "reference image 0 not found"),
+        (["--model", "tiny", "-o", "out.jpg"], "only .png files"),
     ]:
         result = run("generate", "x", *args, cwd=tmp_path)
         assert result.returncode == 1

@@ -177,11 +177,14 @@ def test_environment_variables_come_first(no_env, tmp_path):
         find_weights(model_info("flux.2-klein-9b"), folder, download=False)
 
 
-def test_nothing_found_offline_names_what_to_set(no_env, tmp_path):
+def test_nothing_found_offline_names_every_missing_part(no_env, tmp_path):
     with pytest.raises(WeightsNotFoundError) as err:
         find_weights(model_info("flux.2-klein-9b"), tmp_path, download=False)
     message = str(err.value)
     assert "QWEN3_8B_PATH" in message and "FLUX2_WEIGHTS_DIR" in message and "Qwen/Qwen3-8B" in message
+    assert "KLEIN_9B_MODEL_PATH" in message and "AE_MODEL_PATH" in message
+    with pytest.raises(WeightsNotFoundError, match="weights folder .*nope \\(--weights-dir\\) does not exist"):
+        find_weights(model_info("flux.2-klein-9b"), tmp_path / "nope", download=False)
     folder = tmp_path / "only-te"
     touch(folder / "text_encoder" / "config.json")
     touch(folder / "tokenizer" / "tokenizer.json")

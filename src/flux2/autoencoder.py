@@ -5,7 +5,7 @@ BatchNorm-statistics normalisation, giving [B, 128, H/16, W/16] latents for the 
 `flux2.checkpoints.autoencoder`.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +19,19 @@ BN_MOMENTUM = 0.1
 PATCH = 2  # latents are patchified 2×2 before normalisation
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoEncoderParams:
     resolution: int = 256  # unused, kept for parity with the reference
     in_channels: int = 3
     ch: int = 128
     out_ch: int = 3
-    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     z_channels: int = 32
     norm_groups: int = 32  # GroupNorm groups; not a reference field (tiny test models need fewer)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # presets are shared: keep them immutable
 
 
 def swish(x: Tensor) -> Tensor:

@@ -12,9 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from flux2.registry import FLUX2_MODEL_INFO
+from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO
 
-DEFAULT_MODEL = next(iter(FLUX2_MODEL_INFO))
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -92,6 +91,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.command == "edit" and not args.image:
         raise ValueError("edit needs at least one input image (-i IMAGE)")
+    output_target(args.output)  # a bad -o fails now, not after the models have loaded
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = Flux2Pipeline(
         args.model, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload
@@ -112,7 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
             match_image_size=args.match_image_size,
             callback=progress,
         )
-    paths = [save_image(out.image, out.record.to_dict(), args.output, len(outputs)) for out in outputs]
+    paths = [save_image(out.image, out.record.to_dict(), args.output) for out in outputs]
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "images": [o.record.to_dict() for o in outputs]}))
     else:
@@ -121,14 +121,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_image(image, record: dict, output: Path, count: int) -> Path:
+def output_target(output: Path) -> tuple[Path, str]:
+    """(folder, file stem) for -o: a .png file name, or a folder (images named flux2.png, flux2-1.png, ...)."""
+    if not output.suffix:
+        return output, "flux2"
+    if output.suffix.lower() != ".png":
+        raise ValueError(f"--output {output}: only .png files are written for now; give a .png name or a folder")
+    return output.parent, output.stem
+
+
+def save_image(image, record: dict, output: Path) -> Path:
     """PNG with the generation record as a text chunk; never overwrites an existing file."""
     from PIL import PngImagePlugin
 
-    if output.suffix.lower() == ".png" and count == 1:
-        target = _free_name(output.parent, output.stem)
-    else:
-        target = _free_name(output, "flux2")
+    target = _free_name(*output_target(output))
     target.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("flux2", json.dumps(record))

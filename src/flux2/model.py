@@ -6,7 +6,7 @@ The state_dict keys are the original (BFL) checkpoint keys.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class Flux2Params:
     """Sizes of FLUX.2 [dev]; the klein presets override them."""
 
@@ -24,10 +24,13 @@ class Flux2Params:
     num_heads: int = 48
     depth: int = 8  # double-stream blocks
     depth_single_blocks: int = 48
-    axes_dim: list[int] = field(default_factory=lambda: [32, 32, 32, 32])  # rope pairs per (t, h, w, l)
+    axes_dim: tuple[int, ...] = (32, 32, 32, 32)  # rope dims per axis (t, h, w, l)
     theta: int = 2000
     mlp_ratio: float = 3.0
     use_guidance_embed: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))  # presets are shared: keep them immutable
 
     @property
     def head_dim(self) -> int:
@@ -38,7 +41,7 @@ class Flux2Params:
         return int(self.hidden_size * self.mlp_ratio)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Klein9BParams(Flux2Params):
     context_in_dim: int = 12288  # 3 x 4096, Qwen3-8B
     hidden_size: int = 4096
@@ -48,7 +51,7 @@ class Klein9BParams(Flux2Params):
     use_guidance_embed: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Klein4BParams(Flux2Params):
     context_in_dim: int = 7680  # 3 x 2560, Qwen3-4B
     hidden_size: int = 3072
@@ -89,7 +92,7 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
 class EmbedND(nn.Module):
     """4-axis RoPE over ids (t, h, w, l); head-dim pairs are split between the axes in that order."""
 
-    def __init__(self, theta: int, axes_dim: list[int]):
+    def __init__(self, theta: int, axes_dim: tuple[int, ...]):
         super().__init__()
         self.theta = theta
         self.axes_dim = axes_dim
@@ -240,7 +243,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, ref: RefAttention | N
 
 def _attention_extract(q: Tensor, k: Tensor, v: Tensor, ref: RefAttention) -> Tensor:
     t, r = ref.num_txt, ref.num_txt + ref.num_ref
-    ref.slot.k, ref.slot.v = k[:, :, t:r], v[:, :, t:r]
+    # Clones: slices are views that would keep the whole K/V (in single blocks, all of linear1's output) alive.
+    ref.slot.k, ref.slot.v = k[:, :, t:r].clone(), v[:, :, t:r].clone()
     out_ref = sdpa(q[:, :, t:r], k[:, :, t:r], v[:, :, t:r])
     out_rest = sdpa(torch.cat([q[:, :, :t], q[:, :, r:]], dim=2), k, v)
     return torch.cat([out_rest[:, :, :t], out_ref, out_rest[:, :, t:]], dim=2)
@@ -450,18 +454,36 @@ class Flux2(nn.Module):
             single_blocks=[RefKV() for _ in self.single_blocks],
         )
 
-    def _run(self, x, x_ids, ctx, ctx_ids, vec, mods, num_ref: int, cache: KVCache | None, extract: bool) -> Tensor:
+    def _run(
+        self,
+        x: Tensor,
+        x_ids: Tensor,
+        ctx: Tensor,
+        ctx_ids: Tensor,
+        vec: Tensor,
+        mods: tuple[list[ModTriple], list[ModTriple], list[ModTriple]],
+        num_ref: int,
+        cache: KVCache | None,
+        extract: bool,
+    ) -> Tensor:
+        """x is [img] or, when extracting, [ref, img]; the joint sequence is [txt, x]."""
         mod_img, mod_txt, mod_single = mods
         num_txt = ctx.shape[1]
         img, txt = self.img_in(x), self.txt_in(ctx)
-        pe = self.pe_embedder(torch.cat([ctx_ids, x_ids], dim=1))  # [txt, img] order
-
-        def ref_attention(slots: list[RefKV] | None, i: int) -> RefAttention | None:
-            return None if cache is None else RefAttention(extract, num_txt, num_ref, slots[i])
-
-        for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, pe, mod_img, mod_txt, ref_attention(cache and cache.double_blocks, i))
+        pe = self.pe_embedder(torch.cat([ctx_ids, x_ids], dim=1))
+        double_refs, single_refs = self._ref_attention(cache, extract, num_txt, num_ref)
+        for block, ref in zip(self.double_blocks, double_refs, strict=True):
+            img, txt = block(img, txt, pe, mod_img, mod_txt, ref)
         x = torch.cat([txt, img], dim=1)
-        for i, block in enumerate(self.single_blocks):
-            x = block(x, pe, mod_single, ref_attention(cache and cache.single_blocks, i))
+        for block, ref in zip(self.single_blocks, single_refs, strict=True):
+            x = block(x, pe, mod_single, ref)
         return self.final_layer(x[:, num_txt + num_ref :], vec)
+
+    def _ref_attention(self, cache: KVCache | None, extract: bool, num_txt: int, num_ref: int):
+        """Per block, how attention treats reference tokens (None everywhere off the KV path)."""
+        if cache is None:
+            return [None] * len(self.double_blocks), [None] * len(self.single_blocks)
+        return (
+            [RefAttention(extract, num_txt, num_ref, slot) for slot in cache.double_blocks],
+            [RefAttention(extract, num_txt, num_ref, slot) for slot in cache.single_blocks],
+        )

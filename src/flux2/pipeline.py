@@ -19,8 +19,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flux2 import __version__
-from flux2.registry import ModelInfo, model_info
+from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
 from flux2.sampling import (
+    PIXELS_PER_TOKEN,
     batched_prc_img,
     batched_prc_txt,
     denoise,
@@ -31,15 +32,22 @@ from flux2.sampling import (
     scatter_ids,
 )
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
+from flux2.weights import WeightPaths, find_weights
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
-SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 patchify
 
 
 class GenerationCancelled(Exception):
-    """Raised out of `generate` when its cancel event was set (or a callback raised it) between steps."""
+    """Raised out of `generate` when its cancel event was set (or a callback raised it) between steps.
+
+    `completed` holds the images that were finished before the cancellation.
+    """
+
+    def __init__(self, message: str = "cancelled", completed: list["GeneratedImage"] | None = None):
+        super().__init__(message)
+        self.completed = completed or []
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ class Flux2Pipeline:
 
     def __init__(
         self,
-        model: str = "flux.2-klein-4b",
+        model: str = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -114,22 +122,47 @@ class Flux2Pipeline:
     ):
         self.info: ModelInfo = model_info(model)
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or default_dtype(self.info)
+        self.dtype = dtype or default_dtype(self.info, self.device)
         self.cpu_offload = cpu_offload
         home = torch.device("cpu") if cpu_offload else self.device
         if self.info.is_tiny:
             log.warning("model 'tiny' has random weights: it is a self-test and produces noise images")
-        self.text_encoder = (
-            text_encoder
-            if text_encoder is not None
-            else load_text_encoder(self.info.name, home, weights_dir=weights_dir, dtype=self.dtype)
-        )
-        self.flow_model = (
-            flow_model
-            if flow_model is not None
-            else load_flow_model(self.info.name, home, weights_dir=weights_dir, dtype=self.dtype)
-        )
-        self.ae = ae if ae is not None else load_ae(self.info.name, home, weights_dir=weights_dir)
+        paths = self._locate(weights_dir, flow_model, ae, text_encoder)
+        name = self.info.name
+        if text_encoder is None:
+            text_encoder = load_text_encoder(
+                name, home, path=paths.text_encoder, tokenizer_path=paths.tokenizer, dtype=self.dtype
+            )
+        if flow_model is None:
+            flow_model = load_flow_model(name, device=home, path=paths.transformer, dtype=self.dtype)
+        if ae is None:
+            ae = load_ae(name, home, path=paths.ae)
+        self.text_encoder, self.flow_model, self.ae = text_encoder, flow_model, ae
+        self._check_components()
+
+    def _locate(self, weights_dir, flow_model, ae, text_encoder) -> WeightPaths:
+        """Find every part still to load before loading any, so one error names everything missing."""
+        given = {"transformer": flow_model, "ae": ae, "text_encoder": text_encoder}
+        parts = tuple(part for part, module in given.items() if module is None)
+        if self.info.is_tiny or not parts:
+            return WeightPaths(None, None, None, None)
+        return find_weights(self.info, weights_dir, parts=parts)
+
+    def _check_components(self) -> None:
+        """Parts from different models fail deep inside torch; say which part does not fit instead."""
+        context = self.flow_model.params.context_in_dim
+        features = getattr(self.text_encoder, "output_dim", context)
+        if features != context:
+            raise ValueError(
+                f"the text encoder gives {features} features per token but the {self.info.name} transformer takes "
+                f"{context}: the text encoder belongs to another model (check its path or text_encoder/ folder)"
+            )
+        latent = 4 * self.ae.params.z_channels
+        if latent != self.flow_model.in_channels:
+            raise ValueError(
+                f"the autoencoder gives {latent} latent channels but the transformer takes "
+                f"{self.flow_model.in_channels}: the autoencoder belongs to another model"
+            )
 
     # ------------------------------------------------------------------ public API
 
@@ -163,14 +196,18 @@ class Flux2Pipeline:
             match_image_size,
         )
         report = _Reporter(callback, cancel)
-        outputs = []
+        outputs: list[GeneratedImage] = []
         with torch.inference_mode():
             txt, txt_ids = self._encode_text(request, report)
             refs, ref_ids = self._encode_references(request, report)
             # One image at a time: image i is exactly what a single run with seed + i gives.
-            for seed in request.seeds:
-                latents = self._denoise(request, seed, txt, txt_ids, refs, ref_ids, report)
-                outputs.append(GeneratedImage(self._decode(latents, report), self._record(request, seed)))
+            with self._resident(self.flow_model, self.ae):
+                for seed in request.seeds:
+                    try:
+                        latents = self._denoise(request, seed, txt, txt_ids, refs, ref_ids, report)
+                        outputs.append(GeneratedImage(self._decode(latents, report), self._record(request, seed)))
+                    except GenerationCancelled as cancelled:
+                        raise GenerationCancelled(str(cancelled), completed=outputs) from None
         return outputs
 
     def edit(self, prompt: str, images: Sequence[ImageInput], **kwargs) -> list[GeneratedImage]:
@@ -206,6 +243,7 @@ class Flux2Pipeline:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        negative_prompt = negative_prompt or None  # "" is the default negative, not a request
         if negative_prompt is not None and not info.uses_cfg:
             raise ValueError(f"{info.name} does not use a negative prompt (only the klein base models run CFG)")
         seed = random.randrange(2**31) if seed is None else seed
@@ -216,17 +254,19 @@ class Flux2Pipeline:
 
     def _size(self, width, height, references, match_image_size) -> tuple[int, int]:
         if match_image_size is not None:
+            if width is not None or height is not None:
+                raise ValueError("give either width/height or match_image_size, not both")
             if not 0 <= match_image_size < len(references):
                 raise ValueError(
                     f"match_image_size={match_image_size} but there are {len(references)} reference images"
                 )
             w, h = references[match_image_size].size
-            return w // SIZE_MULTIPLE * SIZE_MULTIPLE, h // SIZE_MULTIPLE * SIZE_MULTIPLE
+            return w // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN, h // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
         width = self.info.width if width is None else width
         height = self.info.height if height is None else height
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-                raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE} px, got {value!r}")
+            if not isinstance(value, int) or value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
+                raise ValueError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} px, got {value!r}")
         return width, height
 
     # ------------------------------------------------------------------ stages
@@ -254,7 +294,7 @@ class Flux2Pipeline:
     def _noise(self, request: _Request, seed: int) -> tuple[Tensor, Tensor]:
         """Seeded noise drawn on the CPU in float32 in the patchified layout [1, C, h, w], then packed and
         moved: a seed gives the same noise on every device."""
-        shape = (1, self.flow_model.in_channels, request.height // SIZE_MULTIPLE, request.width // SIZE_MULTIPLE)
+        shape = (1, self.flow_model.in_channels, request.height // PIXELS_PER_TOKEN, request.width // PIXELS_PER_TOKEN)
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
         x, x_ids = batched_prc_img(noise)
         return x.to(self.device, self.dtype), x_ids.to(self.device)
@@ -269,10 +309,7 @@ class Flux2Pipeline:
             if i > 0:
                 report(Progress("denoise", i, total))
 
-        with self._resident(self.flow_model):
-            x = loop(
-                self.flow_model, x, x_ids, txt, txt_ids, timesteps, request.guidance, refs, ref_ids, callback=on_step
-            )
+        x = loop(self.flow_model, x, x_ids, txt, txt_ids, timesteps, request.guidance, refs, ref_ids, callback=on_step)
         report(Progress("denoise", request.num_steps, request.num_steps))
         return x, x_ids
 
@@ -288,8 +325,7 @@ class Flux2Pipeline:
         x, x_ids = latents
         z = torch.cat(scatter_ids(x, x_ids)).squeeze(2)  # [B, C, h, w]
         ae_param = next(self.ae.parameters())
-        with self._resident(self.ae):
-            pixels = self.ae.decode(z.to(ae_param.device, ae_param.dtype)).float()
+        pixels = self.ae.decode(z.to(ae_param.device, ae_param.dtype)).float()
         report(Progress("decode", 1, 1))
         return to_pil(pixels[0])
 
@@ -309,16 +345,18 @@ class Flux2Pipeline:
         )
 
     @contextmanager
-    def _resident(self, module: nn.Module) -> Iterator[None]:
-        """With CPU offload, keep `module` on the device only while it runs."""
+    def _resident(self, *modules: nn.Module) -> Iterator[None]:
+        """With CPU offload, keep `modules` on the device only while they run."""
         if not self.cpu_offload:
             yield
             return
-        module.to(self.device)
+        for module in modules:
+            module.to(self.device)
         try:
             yield
         finally:
-            module.to("cpu")
+            for module in modules:
+                module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -10,7 +10,7 @@ from flux2.model import Flux2Params, Klein4BParams, Klein9BParams
 
 # The tiny self-test model: random weights, runs every part through the same code, produces noise images.
 TINY_TEXT_HIDDEN = 32  # hidden size of flux2.tiny_text_encoders.tiny_qwen3
-TINY_AE_PARAMS = AutoEncoderParams(ch=8, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=4, norm_groups=4)
+TINY_AE_PARAMS = AutoEncoderParams(ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=4)
 TINY_PARAMS = Flux2Params(
     in_channels=4 * TINY_AE_PARAMS.z_channels,
     context_in_dim=3 * TINY_TEXT_HIDDEN,
@@ -18,7 +18,7 @@ TINY_PARAMS = Flux2Params(
     num_heads=2,
     depth=2,
     depth_single_blocks=2,
-    axes_dim=[8, 8, 8, 8],
+    axes_dim=(8, 8, 8, 8),
     use_guidance_embed=False,
 )
 
@@ -120,3 +120,6 @@ def model_info(name: str) -> ModelInfo:
     if info is None:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(FLUX2_MODEL_INFO)}")
     return info
+
+
+DEFAULT_MODEL = next(iter(FLUX2_MODEL_INFO))

@@ -20,6 +20,7 @@ MULTI_REF_MAX_PIXELS = 1024**2
 REF_MIN_SIDE = 64
 REF_MAX_ASPECT = 8.0
 REF_TIME_SCALE = 10  # reference k gets t = REF_TIME_SCALE * (k + 1)
+PIXELS_PER_TOKEN = 16  # side of one latent token in pixels: 8x VAE downsampling, then the 2x2 patchify
 
 # A callback sees (step index, number of steps) before each step; it may raise to cancel the run.
 StepCallback = Callable[[int, int], None]
@@ -51,14 +52,23 @@ def prc_img(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Ten
     return rearrange(x, "c h w -> (h w) c"), ids
 
 
-def batched_prc_txt(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
-    tokens, ids = zip(*(prc_txt(item, t_coord) for item in x), strict=True)
-    return torch.stack(tokens), torch.stack(ids)
+def _per_item(t_coord, batch: int) -> list:
+    """t_coord for a batch gives one t per item (as the reference's batched wrapper indexes it)."""
+    if t_coord is None:
+        return [None] * batch
+    if len(t_coord) != batch:
+        raise ValueError(f"t_coord has {len(t_coord)} entries for a batch of {batch}")
+    return list(t_coord)
 
 
-def batched_prc_img(x: Tensor, t_coord: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
-    tokens, ids = zip(*(prc_img(item, t_coord) for item in x), strict=True)
-    return torch.stack(tokens), torch.stack(ids)
+def batched_prc_txt(x: Tensor, t_coord: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    packed = [prc_txt(item, t) for item, t in zip(x, _per_item(t_coord, len(x)), strict=True)]
+    return torch.stack([p[0] for p in packed]), torch.stack([p[1] for p in packed])
+
+
+def batched_prc_img(x: Tensor, t_coord: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    packed = [prc_img(item, t) for item, t in zip(x, _per_item(t_coord, len(x)), strict=True)]
+    return torch.stack([p[0] for p in packed]), torch.stack([p[1] for p in packed])
 
 
 def listed_prc_img(
@@ -128,7 +138,7 @@ def default_prep(img: Image.Image, limit_pixels: int) -> Tensor:
     img = img.convert("RGB")
     cap_min_pixels(img)
     img = cap_pixels(img, limit_pixels)
-    return image_to_tensor(center_crop_to_multiple_of_x(img, 16))
+    return image_to_tensor(center_crop_to_multiple_of_x(img, PIXELS_PER_TOKEN))
 
 
 def concatenate_images(images: list[Image.Image]) -> Image.Image:
@@ -221,11 +231,27 @@ def _twice(t: Tensor | None) -> Tensor | None:
     return None if t is None else torch.cat([t, t])
 
 
-def _with_refs(img, img_ids, img_cond_seq, img_cond_seq_ids) -> tuple[Tensor, Tensor]:
+def _with_refs(
+    img: Tensor, img_ids: Tensor, img_cond_seq: Tensor | None, img_cond_seq_ids: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Reference tokens go after the target tokens on the plain path."""
     if img_cond_seq is None:
         return img, img_ids
     return torch.cat([img, img_cond_seq], dim=1), torch.cat([img_ids, img_cond_seq_ids], dim=1)
+
+
+def _batched_refs(
+    img: Tensor, img_cond_seq: Tensor | None, img_cond_seq_ids: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Check references come with their ids, and repeat a single set ([1, N, C]) over img's batch."""
+    if (img_cond_seq is None) != (img_cond_seq_ids is None):
+        raise ValueError("img_cond_seq and img_cond_seq_ids must be given together")
+    if img_cond_seq is None or img_cond_seq.shape[0] == img.shape[0]:
+        return img_cond_seq, img_cond_seq_ids
+    if img_cond_seq.shape[0] != 1:
+        raise ValueError(f"references have batch {img_cond_seq.shape[0]} but the latents have {img.shape[0]}")
+    batch = img.shape[0]
+    return img_cond_seq.expand(batch, -1, -1), img_cond_seq_ids.expand(batch, -1, -1)
 
 
 @torch.no_grad()
@@ -244,6 +270,7 @@ def denoise(
 ) -> Tensor:
     """Euler integration from timesteps[0] to timesteps[-1]; returns the denoised packed latents."""
     guidance_vec = _guidance_vec(guidance, img)
+    img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         seq, seq_ids = _with_refs(x, img_ids, img_cond_seq, img_cond_seq_ids)
@@ -269,6 +296,7 @@ def denoise_cached(
     """The klein KV loop: reference K/V extracted at the first step and reused at the others."""
     if img_cond_seq is None or img_cond_seq_ids is None:
         raise ValueError("denoise_cached needs reference tokens (img_cond_seq and img_cond_seq_ids)")
+    img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
     guidance_vec = _guidance_vec(guidance, img)
     cache = None
 
@@ -303,6 +331,7 @@ def denoise_cfg(
     """
     if txt.shape[0] != 2 * img.shape[0]:
         raise ValueError(f"denoise_cfg needs txt = [uncond; cond]: batch {txt.shape[0]} != 2 x {img.shape[0]}")
+    img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
     img_ids2, refs2, ref_ids2 = _twice(img_ids), _twice(img_cond_seq), _twice(img_cond_seq_ids)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ the checkpoint tensors are assigned, so a model never exists twice in memory.
 
 import logging
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from flux2.checkpoints.transformer import (
 )
 from flux2.model import Flux2, Flux2Params
 from flux2.registry import FLUX2_MODEL_INFO, ModelInfo, model_info
-from flux2.weights import find_ae, find_text_encoder, find_transformer, weights_dir_from_env
+from flux2.weights import find_ae, find_text_encoder, find_transformer, resolve_weights_dir
 
 __all__ = [
     "FLUX2_MODEL_INFO",
@@ -47,13 +47,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def default_dtype(info: ModelInfo) -> torch.dtype:
-    """bf16 (the checkpoints' dtype) for real models on every device; fp32 for the tiny self-test model."""
-    return torch.float32 if info.is_tiny else torch.bfloat16
-
-
-def _folder(weights_dir: str | Path | None) -> Path | None:
-    return Path(weights_dir).expanduser() if weights_dir is not None else weights_dir_from_env()
+def default_dtype(info: ModelInfo, device: torch.device) -> torch.dtype:
+    """bf16 (the checkpoints' dtype) for real models; fp32 for the tiny self-test model, and on Apple MPS,
+    where bf16 runs have given NaN / black images (the studio app's finding)."""
+    return torch.float32 if info.is_tiny or device.type == "mps" else torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- transformer
@@ -67,26 +64,28 @@ def read_transformer_state_dict(path: str | Path, device: str | torch.device = "
     return strip_original_prefix(sd)
 
 
-def detect_model_name(params: Flux2Params) -> str:
-    """The registry name whose architecture matches; base and KV variants share shapes with the distilled ones."""
+def detect_model_name(params: Flux2Params) -> str | None:
+    """The first registry name with this architecture (None if none). Shapes cannot tell the base and KV
+    variants from the distilled model they share an architecture with: pass a name to get those."""
     for name, info in FLUX2_MODEL_INFO.items():
         if asdict(info.params) == asdict(params) and not info.is_tiny:
             return name
-    raise ValueError(f"the checkpoint's architecture matches no published FLUX.2 model: {params}")
+    return None
 
 
 def load_flow_model(
     name: str | None = None,
+    debug_mode: bool = False,
     device: str | torch.device | None = None,
     *,
     path: str | Path | None = None,
     weights_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
-    debug_mode: bool = False,
 ) -> Flux2:
     """Build the transformer and load its weights (strict keys; architecture from the registry or shapes).
 
-    With no name, `path` is required and the architecture is read from the tensor shapes.
+    With no name, `path` is required and the architecture is read from the tensor shapes. `debug_mode` (as in
+    the reference) builds one block of each kind with random weights and loads nothing.
     """
     device = torch.device(device) if device is not None else default_device()
     if name is None and path is None:
@@ -94,14 +93,20 @@ def load_flow_model(
     info = model_info(name) if name is not None else None
     if info is not None and info.is_tiny:
         return _random_flow_model(info.params, device, dtype or torch.float32)
-    if debug_mode:  # the reference's debug mode: one block of each kind, random weights, preset untouched
-        small = Flux2Params(**{**vars(info.params), "depth": 1, "depth_single_blocks": 1})
+    if debug_mode:
+        if info is None:
+            raise ValueError("debug_mode needs a model name (it builds that architecture with random weights)")
+        small = replace(info.params, depth=1, depth_single_blocks=1)
         return _random_flow_model(small, device, dtype or torch.bfloat16)
     if path is None:
-        path = find_transformer(info, _folder(weights_dir))
+        path = find_transformer(info, resolve_weights_dir(weights_dir))
     log.info("Loading %s for the FLUX.2 weights", path)
     sd = read_transformer_state_dict(path, device)
-    params = info.params if info is not None else params_from_state_dict(sd)
+    if info is None:
+        params = params_from_state_dict(sd)
+        log.info("architecture read from the tensor shapes matches %s", detect_model_name(params) or "no preset")
+    else:
+        params = info.params
     with torch.device("meta"):
         model = Flux2(params)
     model = load_strict(model, sd, "transformer").eval()
@@ -139,7 +144,7 @@ def load_ae(
 
         return random_ae(info.ae_params).to(device=device, dtype=dtype or torch.float32).eval()
     if path is None:
-        path = find_ae(info, _folder(weights_dir))
+        path = find_ae(info, resolve_weights_dir(weights_dir))
     log.info("Loading %s for the AutoEncoder weights", path)
     sd = read_ae_state_dict(path, device)
     with torch.device("meta"):
@@ -155,6 +160,8 @@ def load_text_encoder(
     name: str,
     device: str | torch.device | None = None,
     *,
+    path: str | Path | None = None,
+    tokenizer_path: str | Path | None = None,
     weights_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
 ):
@@ -168,7 +175,9 @@ def load_text_encoder(
 
         model, tokenizer = tiny_qwen3()
         return Qwen3Embedder(model, device, tokenizer=tokenizer, dtype=dtype or torch.float32).eval()
-    model_path, tokenizer_path = find_text_encoder(info.text_encoder, _folder(weights_dir))
+    if path is None:
+        path, tokenizer_path = find_text_encoder(info.text_encoder, resolve_weights_dir(weights_dir))
+    model_path, tokenizer_path = path, tokenizer_path or path
     dtype = dtype or torch.bfloat16
     log.info("Loading %s for the text encoder weights", model_path)
     with warnings.catch_warnings():

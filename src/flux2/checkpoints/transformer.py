@@ -178,7 +178,7 @@ def params_from_state_dict(sd: dict[str, Tensor]) -> Flux2Params:
         num_heads=hidden // head_dim,
         depth=_count_blocks(sd, "double_blocks"),
         depth_single_blocks=_count_blocks(sd, "single_blocks"),
-        axes_dim=[axis, axis, axis, head_dim - 3 * axis],
+        axes_dim=(axis, axis, axis, head_dim - 3 * axis),  # not stored in checkpoints: the published split
         mlp_ratio=mlp_hidden / hidden,
         use_guidance_embed="guidance_in.in_layer.weight" in sd,
     )
