@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--full", dest="tiny", action="store_false", help="klein-4B + the FLUX.2 AE (CUDA default)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="transformer dtype (default: bf16 full, fp32 tiny)")
-    p.add_argument("--ae-dtype", choices=DTYPES, help="autoencoder dtype (default: --dtype)")
+    p.add_argument("--ae-dtype", choices=DTYPES, help="autoencoder dtype (default: fp32, as the pipeline decodes)")
     p.add_argument("--size", type=int, help="image side in pixels (default: 1024 full, 256 tiny)")
     p.add_argument("--txt-len", type=int, default=TXT_LEN, help=f"text tokens (default {TXT_LEN})")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the generate phase (default 4)")
@@ -119,7 +119,7 @@ def resolve(args: argparse.Namespace) -> BenchConfig:
         tiny=tiny,
         device=device,
         dtype=dtype,
-        ae_dtype=DTYPES[args.ae_dtype] if args.ae_dtype else dtype,
+        ae_dtype=DTYPES[args.ae_dtype] if args.ae_dtype else torch.float32,
         size=args.size or (256 if tiny else 1024),
         txt_len=args.txt_len,
         steps=args.steps,

@@ -9,10 +9,11 @@ from flux2.autoencoder import AutoEncoder, AutoEncoderParams
 from flux2.model import Flux2, Flux2Params
 
 
-def _seeded(build, seed: int):
+def seeded(build, seed: int):
+    """build() under a fixed seed, without disturbing the caller's random state; the result in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build()
+        return build().eval()
 
 
 def random_flow_model(params: Flux2Params, seed: int = 0) -> Flux2:
@@ -25,7 +26,7 @@ def random_flow_model(params: Flux2Params, seed: int = 0) -> Flux2:
                 p.data = 1.0 + 0.1 * torch.randn_like(p)
         return model
 
-    return _seeded(build, seed)
+    return seeded(build, seed)
 
 
 def random_ae(params: AutoEncoderParams, seed: int = 0) -> AutoEncoder:
@@ -37,4 +38,4 @@ def random_ae(params: AutoEncoderParams, seed: int = 0) -> AutoEncoder:
         ae.bn.running_var.copy_(0.5 + torch.rand_like(ae.bn.running_var))
         return ae
 
-    return _seeded(build, seed)
+    return seeded(build, seed)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Mistral3Config,
@@ -23,6 +22,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from flux2.tiny import seeded
 
 TINY_HIDDEN = 32
 QWEN3_LAYERS = 28
@@ -78,13 +79,6 @@ def _byte_vocab(specials: tuple[str, ...]) -> dict[str, int]:
     return {symbol: i for i, symbol in enumerate(symbols)}
 
 
-def _seeded_init(build, seed: int):
-    """Build a model under `seed` without disturbing the caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build().eval()
-
-
 def tiny_qwen3(seed: int = 0) -> tuple[Qwen3ForCausalLM, Qwen2TokenizerFast]:
     """A random Qwen3 causal LM (hidden 32, 28 layers) and a byte-level Qwen2 tokenizer with the Qwen3 template."""
     vocab = _byte_vocab(QWEN3_SPECIAL_TOKENS)
@@ -110,7 +104,7 @@ def tiny_qwen3(seed: int = 0) -> tuple[Qwen3ForCausalLM, Qwen2TokenizerFast]:
         eos_token_id=vocab["<|im_end|>"],
         tie_word_embeddings=True,
     )
-    return _seeded_init(lambda: Qwen3ForCausalLM(config), seed), tokenizer
+    return seeded(lambda: Qwen3ForCausalLM(config), seed), tokenizer
 
 
 def _tiny_mistral_tokenizer() -> PreTrainedTokenizerFast:
@@ -170,7 +164,7 @@ def tiny_mistral3(seed: int = 0) -> tuple[Mistral3ForConditionalGeneration, PreT
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
     )
-    return _seeded_init(lambda: Mistral3ForConditionalGeneration(config), seed), tokenizer
+    return seeded(lambda: Mistral3ForConditionalGeneration(config), seed), tokenizer
 
 
 def save_tiny_qwen3(folder: str | Path, seed: int = 0) -> Path:
