@@ -1,6 +1,7 @@
 """The transformer against diffusers' Flux2Transformer2DModel on shared random weights (the independent oracle)."""
 
 import logging
+import math
 from dataclasses import replace
 
 import pytest
@@ -9,7 +10,7 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
 
 from flux2.checkpoints.transformer import diffusers_transformer_config, transformer_original_to_diffusers
-from flux2.model import Flux2, Flux2Params, Klein4BParams, Klein9BParams
+from flux2.model import Flux2, Flux2Params, Klein4BParams, Klein9BParams, RMSNorm, timestep_embedding
 from flux2.sampling import batched_prc_img, batched_prc_txt, listed_prc_img
 from flux2.tiny import random_flow_model
 
@@ -22,7 +23,7 @@ TINY = Flux2Params(
     num_heads=2,
     depth=2,
     depth_single_blocks=2,
-    axes_dim=[8, 8, 8, 8],
+    axes_dim=(8, 8, 8, 8),
     use_guidance_embed=True,
 )
 TOL = 2e-6  # relative to the output scale: float32 rounding (diffusers computes RoPE frequencies in float64)
@@ -166,7 +167,7 @@ def test_constructor_checks():
     with pytest.raises(ValueError, match="divisible"):
         Flux2(replace(TINY, hidden_size=65))
     with pytest.raises(ValueError, match="axes_dim"):
-        Flux2(replace(TINY, axes_dim=[8, 8, 8, 4]))
+        Flux2(replace(TINY, axes_dim=(8, 8, 8, 4)))
 
 
 @torch.no_grad()
@@ -178,3 +179,56 @@ def test_bf16_forward_runs_and_stays_close_to_fp32():
     low = ours.to(torch.bfloat16)(x.bfloat16(), x_ids, t.bfloat16(), ctx.bfloat16(), ctx_ids, g.bfloat16())
     assert low.dtype == torch.bfloat16
     assert rel_diff(low.float(), ref) < 0.05
+
+
+# ----------------------------------------------------------------------------- bf16 rounding points (spec §1.3, §1.7)
+
+# bf16 timesteps whose 1000x product is not a bf16 number: 0.7314 -> 0.73046875, x1000 = 730.46875, which bf16
+# rounds to 732; 0.5123 -> 0.51171875 -> 511.71875 -> 512; 0.05 -> 0.050048828125 -> 50.048828125 -> 50.
+# 1.0 (x1000 = 1000, exact in bf16) is included as the case where both roundings agree.
+BF16_TIMESTEPS = [0.7314, 0.5123, 0.05, 1.0]
+
+
+def spec_timestep_embedding(t: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
+    """Spec §1.3 step 2: t * 1000 rounded in `product_dtype`, float32 args against exp(-ln(10000) k / 128),
+    [cos | sin], cast back to t's dtype."""
+    scaled = (t.to(product_dtype) * 1000).float()
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    args = scaled[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
+
+
+def test_timestep_embedding_multiplies_by_1000_in_bf16():
+    t = torch.tensor(BF16_TIMESTEPS, dtype=torch.bfloat16)
+    assert (t * 1000).tolist() == [732.0, 512.0, 50.0, 1000.0]  # the bf16 products the comment above derives
+    ours = timestep_embedding(t)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (4, 256)
+    assert torch.equal(ours, spec_timestep_embedding(t, torch.bfloat16))
+    # Negative control: the product taken in float32 (730.46875 instead of 732) gives another embedding for
+    # every t whose product bf16 rounds, and the same one for t = 1.0.
+    fp32_product = spec_timestep_embedding(t, torch.float32)
+    differs = (ours != fp32_product).any(dim=-1).tolist()
+    assert differs == [True, True, True, False]
+
+
+def spec_rms_norm(x: torch.Tensor, scale: torch.Tensor, cast_before_scale: bool = True) -> torch.Tensor:
+    """Spec §1.3/§1.7: x * rsqrt(mean(x^2) + 1e-6) in float32, cast to x's dtype, then times the scale."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + 1e-6)
+    if cast_before_scale:
+        return normed.to(x.dtype) * scale
+    return (normed * scale.float()).to(x.dtype)  # the negative control: one rounding instead of two
+
+
+@torch.no_grad()
+def test_rms_norm_casts_to_bf16_before_the_scale():
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 2, 5, 128, generator=g)).bfloat16()  # [B, heads, L, head_dim], as q and k
+    norm = RMSNorm(128).to(torch.bfloat16)
+    norm.scale.copy_(0.5 + 2 * torch.rand(128, generator=g))  # bf16 weights far from 1, so the order matters
+    ours = norm(x)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, spec_rms_norm(x, norm.scale))
+    # Negative control: scaling the float32 result before the bf16 cast rounds differently on many elements.
+    mismatched = (ours != spec_rms_norm(x, norm.scale, cast_before_scale=False)).float().mean().item()
+    assert mismatched > 0.01, f"only {mismatched:.2%} of the elements differ"

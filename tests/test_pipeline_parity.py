@@ -13,9 +13,9 @@ Known, accounted-for divergences (so agreement is to fp32 rounding, not bit-exac
   with float32 `sigma_next - sigma`; its RoPE tables are float64, ours float32;
 - decoded images: diffusers' "pt"/"np" output is `(x / 2 + 0.5).clamp(0, 1)`; its "pil" rounds to uint8, while
   ours (like the reference) truncates, so uint8 images are compared within one level;
-- reference images: diffusers caps each at 1024² px, ours a single one at 2024² (the reference's cap), so the
-  reference used here is small enough for neither cap to apply; diffusers' output size defaults to the first
-  reference's size, so height/width are always passed.
+- reference images: diffusers caps each at 1024² px, ours a single one at 2024² (the reference's cap) and each
+  of several at 1024², so the references used here are small enough for no cap to apply; diffusers' output size
+  defaults to the first reference's size, so height/width are always passed.
 
 Run with `--log-cli-level=INFO` to see every measured difference (and the summary at the end).
 """
@@ -235,6 +235,15 @@ def reference_image() -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(72, 80, 3), dtype=np.uint8))
 
 
+@pytest.fixture(scope="module")
+def second_reference_image() -> Image.Image:
+    """64 x 100 px: cropped to 64 x 96 by both sides (top offset 2). Its width is already a multiple of 16, so
+    diffusers' "crop" resize mode does not resample it (it would for two unaligned sides; ours only crops).
+    Dark noise (levels 0-63), unlike the first reference, so that swapping the two moves the result clearly."""
+    rng = np.random.default_rng(8)
+    return Image.fromarray(rng.integers(0, 64, size=(100, 64, 3), dtype=np.uint8))
+
+
 # ----------------------------------------------------------------------------- running both sides
 
 
@@ -349,8 +358,11 @@ def test_noise_text_and_ids_are_identical(klein, report):
     assert torch.equal(ctx_ids, first["txt_ids"])
     # The reference's `denoise` always passes the guidance vector; a model without guidance embedder ignores it.
     assert first["guidance"] is None and guidance is not None and not twins.ours.flow_model.use_guidance_embed
+    assert len(ours_calls) == len(theirs.calls) == DISTILLED["num_inference_steps"]
     for i, ((ours_args, _), (_, their_kwargs)) in enumerate(zip(ours_calls, theirs.calls, strict=True)):
-        measure(report, f"timestep {i}", ours_args[2], their_kwargs["timestep"])
+        assert ours_args[2].dtype == their_kwargs["timestep"].dtype
+        diff = measure(report, f"timestep {i}", ours_args[2], their_kwargs["timestep"])
+        assert diff < SCHEDULE_TOL, f"timestep {i}: {ours_args[2].item()} vs {their_kwargs['timestep'].item()}"
     other_seed = run_diffusers(klein_pipeline(twins, is_distilled=True), seed=SEED + 1, **DISTILLED)
     assert not torch.equal(x, other_seed.calls[0][1]["hidden_states"])
 
@@ -420,6 +432,28 @@ def test_klein_edit_one_reference(klein, reference_image, name, report):
             control = run_diffusers(klein_pipeline(twins, is_distilled), image=[reference_image], **settings)
         assert len(control.calls) == 2 * BASE_STEPS
         assert_control(report, f"{name} edit", ours, control, "refs dropped from the uncond pass")
+
+
+def test_klein_edit_two_references(klein, reference_image, second_reference_image, report):
+    """Two references, concatenated after the target with t = 10 and t = 20 over their own latent grids. Both are
+    below 1024² px, the per-reference cap of several references on both sides, so no resampling happens."""
+    twins = klein("flux.2-klein-4b")
+    refs = [reference_image, second_reference_image]
+    ours = run_ours(twins.ours, reference_images=refs)
+    theirs = run_diffusers(klein_pipeline(twins, is_distilled=True), image=refs, **DISTILLED)
+    num_target = (WIDTH // PATCH_PX) * (HEIGHT // PATCH_PX)
+    num_refs = [(80 // PATCH_PX) * (64 // PATCH_PX), (64 // PATCH_PX) * (96 // PATCH_PX)]
+    ours_ids, their_ids = ours.calls[0][0][1], theirs.calls[0][1]["img_ids"]
+    assert ours_ids.shape[1] == their_ids.shape[1] == num_target + sum(num_refs)
+    assert torch.equal(ours_ids, their_ids)
+    ref_t = ours_ids[0, num_target:, 0]
+    assert ref_t.tolist() == [10] * num_refs[0] + [20] * num_refs[1]
+    assert ours_ids[0, -1].tolist() == [20, 96 // PATCH_PX - 1, 64 // PATCH_PX - 1, 0]
+    assert_parity(report, "klein edit two refs", ours, theirs)
+
+    # Measured: the swap moves the latents by 4.8e-4 and the image by 3.0e-4 (thresholds 1e-4 and 2e-4).
+    swapped = run_diffusers(klein_pipeline(twins, is_distilled=True), image=refs[::-1], **DISTILLED)
+    assert_control(report, "klein edit two refs", ours, swapped, "references swapped")
 
 
 @contextmanager

@@ -107,9 +107,38 @@ def test_qwen3_shape_and_sizes(qwen3, qwen3_embeds):
     assert (embedder.hidden_size, embedder.output_dim) == (TINY_HIDDEN, TINY_OUT)
     assert qwen3_embeds.shape == (len(PROMPTS), MAX_LENGTH, TINY_OUT)
     assert qwen3_embeds.dtype == torch.float32
-    # Right padding (the Qwen tokenizer's default); pad positions carry non-zero states into the DiT.
-    assert tokenizer.padding_side == "right"
-    assert qwen3_embeds[:, -1].abs().sum(dim=-1).min() > 0
+
+
+def padded_hidden_states(model, ids: list[int], pad_id: int, side: str, layers: tuple[int, ...]) -> torch.Tensor:
+    """The oracle for one prompt: its token ids padded by hand to MAX_LENGTH on `side`, run through the LLM with
+    the matching attention mask, hidden states `layers` concatenated per token -> [1, MAX_LENGTH, 3 * hidden]."""
+    pad = MAX_LENGTH - len(ids)
+    if side == "right":
+        input_ids, mask = ids + [pad_id] * pad, [1] * len(ids) + [0] * pad
+    else:
+        input_ids, mask = [pad_id] * pad + ids, [0] * pad + [1] * len(ids)
+    with torch.no_grad():
+        hidden = model(
+            input_ids=torch.tensor([input_ids]),
+            attention_mask=torch.tensor([mask]),
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states
+    return torch.cat([hidden[k] for k in layers], dim=-1)
+
+
+def test_qwen3_embedder_pads_right_and_pad_states_reach_the_output(qwen3, qwen3_embeds):
+    """The third-party parity report's right padding for the Qwen3 path, seen in the embedder's output: the
+    prompt's tokens come first, and the pad positions after them carry their non-zero hidden states."""
+    model, tokenizer = qwen3
+    text = Qwen3Embedder(model, tokenizer=tokenizer).format_prompt(PROMPTS[0])
+    ids = tokenizer(text)["input_ids"]
+    right = padded_hidden_states(model, ids, tokenizer.pad_token_id, "right", OUTPUT_LAYERS_QWEN3)
+    assert torch.equal(qwen3_embeds[:1], right)
+    assert qwen3_embeds[0, len(ids) :].abs().amax(dim=-1).min() > 0  # every pad position, none zeroed
+    # Negative control: the same prompt padded on the left gives other embeddings.
+    left = padded_hidden_states(model, ids, tokenizer.pad_token_id, "left", OUTPUT_LAYERS_QWEN3)
+    assert max_abs_diff(qwen3_embeds[:1], left) > 1e-3
 
 
 def test_qwen3_per_token_layout_is_layer_blocks(qwen3, qwen3_embeds):
@@ -179,7 +208,9 @@ def test_mistral_img_marker_does_not_change_the_embedding(mistral3, mistral_embe
     assert torch.equal(embedder(["two cats  on a sofa"]), mistral_embeds[2:])
 
 
-def test_mistral_tokens_are_left_padded(mistral3):
+def test_tiny_mistral_processor_renders_the_template_and_pads_left(mistral3):
+    """The in-memory processor fixture: the reference's chat layout, and left padding as reported for the real
+    Mistral-Small processor (the embedder's output is checked in the next test)."""
     _, processor = mistral3
     batch = [Mistral3SmallEmbedder.format_conversation("a cat")]
     tokens = processor.apply_chat_template(
@@ -188,6 +219,27 @@ def test_mistral_tokens_are_left_padded(mistral3):
     text = processor.decode(tokens["input_ids"][0][tokens["attention_mask"][0].bool()])
     assert text == f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]a cat[/INST]"
     assert tokens["attention_mask"][0, 0] == 0 and tokens["attention_mask"][0, -1] == 1
+
+
+def test_mistral_embedder_pads_left_and_pad_states_reach_the_output():
+    """Left padding for the Mistral path, seen in the embedder's output: the pad positions come first and carry
+    their non-zero hidden states, the prompt's tokens sit at the end.
+
+    The tiny model's pad embedding is zero (transformers zero-initialises the `padding_idx` row) and left pads see
+    only masked pads, so their states would be zero whatever the embedder did. A trained checkpoint's pad row need
+    not be zero, so this test gives the pad token a random embedding first."""
+    model, processor = tiny_mistral3(seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[processor.pad_token_id].normal_(generator=torch.Generator().manual_seed(0))
+    embeds = Mistral3SmallEmbedder(model, processor=processor, dtype=torch.float32)(PROMPTS[:1])
+    conversation = Mistral3SmallEmbedder.format_conversation(PROMPTS[0])
+    ids = processor.apply_chat_template([conversation], tokenize=True, return_dict=True)["input_ids"][0]
+    left = padded_hidden_states(model, ids, processor.pad_token_id, "left", OUTPUT_LAYERS_MISTRAL)
+    assert torch.equal(embeds, left)
+    assert embeds[0, : MAX_LENGTH - len(ids)].abs().amax(dim=-1).min() > 0  # every pad position, none zeroed
+    # Negative control: the same prompt padded on the right gives other embeddings.
+    right = padded_hidden_states(model, ids, processor.pad_token_id, "right", OUTPUT_LAYERS_MISTRAL)
+    assert max_abs_diff(embeds, right) > 1e-3
 
 
 def test_mistral_shape_and_sizes(mistral3, mistral_embeds):
