@@ -232,3 +232,15 @@ def test_rms_norm_casts_to_bf16_before_the_scale():
     # Negative control: scaling the float32 result before the bf16 cast rounds differently on many elements.
     mismatched = (ours != spec_rms_norm(x, norm.scale, cast_before_scale=False)).float().mean().item()
     assert mismatched > 0.01, f"only {mismatched:.2%} of the elements differ"
+
+
+@torch.no_grad()
+def test_kv_cache_holds_only_the_reference_slices():
+    """Cached K/V must not keep the whole attention tensors (or linear1's output) alive: 2 GiB per 4096 refs."""
+    params = replace(TINY, use_guidance_embed=False)
+    ours = random_flow_model(params, seed=3).eval()
+    x, x_ids, ctx, ctx_ids, refs, ref_ids = inputs(params)
+    _, cache = ours.forward_kv_extract(x, x_ids, torch.tensor([0.6]), ctx, ctx_ids, None, refs, ref_ids)
+    for slot in cache.double_blocks + cache.single_blocks:
+        for t in (slot.k, slot.v):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

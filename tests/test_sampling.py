@@ -321,3 +321,21 @@ def test_each_of_two_references_is_lanczos_capped_at_1024_squared():
     assert [len(e) for e in expected] == [65 * 62, 67 * 61]  # 1049x999 -> 1040x992; 1073x976 -> 1072x976
     assert torch.equal(tokens[0], torch.cat(expected))
     assert ids[0, : 65 * 62, 0].unique().tolist() == [10] and ids[0, 65 * 62 :, 0].unique().tolist() == [20]
+
+
+def test_batched_packing_takes_one_t_per_item():
+    _, ids = batched_prc_img(torch.zeros(2, 4, 2, 3), t_coord=torch.tensor([10, 20]))
+    assert ids[0, :, 0].unique().tolist() == [10] and ids[1, :, 0].unique().tolist() == [20]
+    with pytest.raises(ValueError, match="t_coord has 3 entries for a batch of 2"):
+        batched_prc_txt(torch.zeros(2, 5, 3), t_coord=torch.tensor([1, 2, 3]))
+
+
+def test_one_set_of_references_serves_a_batch():
+    model = LinearVelocity()
+    img, ids = torch.randn(2, 6, 4), torch.zeros(2, 6, 4, dtype=torch.long)
+    txt, refs, ref_ids = torch.randn(2, 3, 2), torch.randn(1, 5, 4), torch.zeros(1, 5, 4, dtype=torch.long)
+    out = denoise(model, img, ids, txt, ids, [1.0, 0.5, 0.0], 1.0, refs, ref_ids)
+    first = denoise(model, img[:1], ids[:1], txt[:1], ids[:1], [1.0, 0.5, 0.0], 1.0, refs, ref_ids)
+    assert torch.equal(out[:1], first)
+    with pytest.raises(ValueError, match="given together"):
+        denoise(model, img, ids, txt, ids, [1.0, 0.0], 1.0, refs, None)
