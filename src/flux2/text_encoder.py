@@ -29,16 +29,12 @@ from transformers import (
     ProcessorMixin,
 )
 
+from flux2.system_messages import SYSTEM_MESSAGE
+
 OUTPUT_LAYERS_QWEN3 = (9, 18, 27)
 OUTPUT_LAYERS_MISTRAL = (10, 20, 30)
 MAX_LENGTH = 512
 
-# The reference's system_messages.SYSTEM_MESSAGE, verbatim (the line break after "object" is part of it and
-# changes the [dev] embeddings).
-SYSTEM_MESSAGE = (
-    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
-    "relationships, object\nattribution and actions without speculation."
-)
 
 # The reference loads `Qwen/Qwen3-{4B,8B}-FP8`, whose FP8 kernels need GPU compute capability >= 8.9
 # (flux2 issue #54) and give different embeddings from bf16. The bf16 checkpoints run on any device, as in
