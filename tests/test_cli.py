@@ -7,6 +7,8 @@ import sys
 
 from PIL import Image
 
+from flux2.provenance import read_provenance
+
 
 def run(*args, cwd, env=None):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -24,7 +26,7 @@ def test_generate_json_output_and_no_overwrite(tmp_path):
     assert report["images"][0]["seed"] == 7 and report["images"][0]["model"] == "tiny"
     image = Image.open(tmp_path / path)
     assert image.size == (64, 32)
-    assert json.loads(image.text["flux2"])["prompt"] == "a red fox"
+    assert read_provenance(tmp_path / path)["prompt"] == "a red fox"
     second = run(*args, "-o", "out.png", cwd=tmp_path)
     assert json.loads(second.stdout)["outputs"] != [path]  # a second run never overwrites the first
     assert (tmp_path / path).exists()
@@ -50,7 +52,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--model", "tiny", "--steps", "-2"], "num_steps must be a positive integer"),
         (["--model", "tiny", "-i", "missing.png"], "reference image 0 not found"),
-        (["--model", "tiny", "-o", "out.jpg"], "only .png files"),
+        (["--model", "tiny", "-o", "out.tiff"], "must end in one of .png"),
     ]:
         result = run("generate", "x", *args, cwd=tmp_path)
         assert result.returncode == 1

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from flux2.provenance import image_format, save_with_provenance
 from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -52,7 +53,14 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--negative-prompt", help="negative prompt (klein base models)")
     p.add_argument("--match-image-size", type=int, help="use the size of reference image N (0-based)")
-    p.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="file or folder (default: outputs/)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("outputs"),
+        help="image file (.png, .jpg, .webp) or folder (default: outputs/)",
+    )
+    p.add_argument("--sidecar", action="store_true", help="also write the metadata to IMAGE.json")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16; fp32 for tiny)")
     p.add_argument("--weights-dir", type=Path, help="folder holding the weights (or $FLUX2_WEIGHTS_DIR)")
@@ -112,7 +120,7 @@ def _generate(args: argparse.Namespace) -> int:
             match_image_size=args.match_image_size,
             callback=progress,
         )
-    paths = [save_image(out.image, out.record.to_dict(), args.output) for out in outputs]
+    paths = [save_image(out.image, out.record.to_dict(), args.output, args.sidecar) for out in outputs]
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "images": [o.record.to_dict() for o in outputs]}))
     else:
@@ -121,31 +129,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_target(output: Path) -> tuple[Path, str]:
-    """(folder, file stem) for -o: a .png file name, or a folder (images named flux2.png, flux2-1.png, ...)."""
+def output_target(output: Path) -> tuple[Path, str, str]:
+    """(folder, file stem, suffix) for -o: an image file name, or a folder (flux2.png, flux2-1.png, ...)."""
     if not output.suffix:
-        return output, "flux2"
-    if output.suffix.lower() != ".png":
-        raise ValueError(f"--output {output}: only .png files are written for now; give a .png name or a folder")
-    return output.parent, output.stem
+        return output, "flux2", ".png"
+    image_format(output)  # a clear error for an unknown suffix
+    return output.parent, output.stem, output.suffix
 
 
-def save_image(image, record: dict, output: Path) -> Path:
-    """PNG with the generation record as a text chunk; never overwrites an existing file."""
-    from PIL import PngImagePlugin
-
+def save_image(image, record: dict, output: Path, sidecar: bool = False) -> Path:
+    """The image with its provenance metadata; never overwrites an existing file."""
     target = _free_name(*output_target(output))
     target.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("flux2", json.dumps(record))
-    image.save(target, pnginfo=info)
-    return target
+    return save_with_provenance(image, target, record, sidecar=sidecar)
 
 
-def _free_name(folder: Path, stem: str) -> Path:
-    candidate = folder / f"{stem}.png"
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    candidate = folder / f"{stem}{suffix}"
     n = 1
     while candidate.exists():
-        candidate = folder / f"{stem}-{n}.png"
+        candidate = folder / f"{stem}-{n}{suffix}"
         n += 1
     return candidate
