@@ -30,6 +30,7 @@ from flux2.sampling import (
     encode_image_refs,
     get_schedule,
     scatter_ids,
+    tensor_to_image,
 )
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
 from flux2.weights import WeightPaths, find_weights
@@ -327,7 +328,7 @@ class Flux2Pipeline:
         ae_param = next(self.ae.parameters())
         pixels = self.ae.decode(z.to(ae_param.device, ae_param.dtype)).float()
         report(Progress("decode", 1, 1))
-        return to_pil(pixels[0])
+        return tensor_to_image(pixels[0])
 
     def _record(self, request: _Request, seed: int) -> GenerationRecord:
         return GenerationRecord(
@@ -394,12 +395,6 @@ def _open_image(img: ImageInput, index: int) -> Image.Image:
             return opened.convert("RGB")
     except OSError as err:
         raise ValueError(f"reference image {index} ({path}) is not a readable image: {err}") from err
-
-
-def to_pil(pixels: Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> uint8 image; truncation (not rounding), as the reference converts."""
-    x = pixels.clamp(-1, 1).permute(1, 2, 0)
-    return Image.fromarray((127.5 * (x + 1.0)).byte().cpu().numpy())
 
 
 def image_sha256(img: Image.Image) -> str:

@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from flux2.sampling import tensor_to_image
 from flux2.system_messages import (
     PROMPT_IMAGE_INTEGRITY,
     PROMPT_IMAGE_INTEGRITY_FOLLOW_UP,
@@ -92,15 +93,14 @@ class ContentFlagged(ValueError):
 
 def as_pil_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a PIL image, a file path, or a [3, H, W] / [B, 3, H, W] tensor in [-1, 1]
-    (the first batch element, truncated to uint8 as the reference and `flux2.pipeline.to_pil` convert)."""
+    (the first batch element, truncated to uint8 as the reference converts)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, Tensor):
         x = image[0] if image.ndim == 4 else image
         if x.ndim != 3 or x.shape[0] != 3:
             raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W] in [-1, 1], got {tuple(image.shape)}")
-        x = x.detach().float().clamp(-1, 1).permute(1, 2, 0)  # [H, W, 3]
-        return Image.fromarray((127.5 * (x + 1.0)).byte().cpu().numpy())
+        return tensor_to_image(x)
     if isinstance(image, str | os.PathLike):
         path = Path(image)
         if not path.is_file():

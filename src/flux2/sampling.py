@@ -133,6 +133,12 @@ def image_to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
 
 
+def tensor_to_image(pixels: Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> uint8 RGB image; truncation (not rounding), as the reference converts."""
+    x = pixels.detach().float().clamp(-1, 1).permute(1, 2, 0)
+    return Image.fromarray((127.5 * (x + 1.0)).byte().cpu().numpy())
+
+
 def default_prep(img: Image.Image, limit_pixels: int) -> Tensor:
     """The reference's preparation of one reference image: RGB, checks, pixel cap, centre crop to 16."""
     img = img.convert("RGB")

@@ -194,7 +194,7 @@ class Mistral3SmallEmbedder(nn.Module):
             default_processor = MISTRAL_PROCESSOR_ID
         else:
             default_processor = model_spec if isinstance(model_spec, str | os.PathLike) else None
-        self.processor = _text_preprocessor(processor, default_processor, "processor", _load_processor)
+        self.processor = _text_preprocessor(processor, default_processor, "processor", load_processor)
         self.max_length = _check_max_length(max_length)
         self.model = _load_model(Mistral3ForConditionalGeneration, model_spec, device, dtype)
         _check_depth(self.model, OUTPUT_LAYERS_MISTRAL)
@@ -240,7 +240,7 @@ class Mistral3SmallEmbedder(nn.Module):
         return IntegrityChecker(self.model, self.processor).check_image(image).flagged
 
 
-def _load_processor(path: PathLike) -> TextPreprocessor:
+def load_processor(path: PathLike) -> TextPreprocessor:
     try:
         return AutoProcessor.from_pretrained(path, use_fast=False)
     except ImportError:

@@ -49,7 +49,7 @@ from flux2.text_encoder import (
     MISTRAL_PROCESSOR_ID,
     PathLike,
     TextPreprocessor,
-    _load_processor,
+    load_processor,
 )
 from flux2.util import default_device
 
@@ -240,7 +240,7 @@ class LocalUpsampler:
         if processor is None:
             processor = MISTRAL_PROCESSOR_ID if str(path_or_id) == MISTRAL_MODEL_ID else path_or_id
         if isinstance(processor, str | os.PathLike):
-            processor = _load_processor(processor)
+            processor = load_processor(processor)
         return cls(model.eval().requires_grad_(False), processor, **kwargs)
 
     def messages(self, prompt: str, images: Sequence[Image.Image] = ()) -> list[dict[str, Any]]:
