@@ -11,7 +11,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from flux2 import __version__
 from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
+from flux2.safety import ContentFlagged, SafetyPolicy, SafetyVerdict
 from flux2.sampling import (
     PIXELS_PER_TOKEN,
     batched_prc_img,
@@ -32,12 +33,17 @@ from flux2.sampling import (
     scatter_ids,
     tensor_to_image,
 )
+from flux2.upsampling import PromptUpsampler, UpsampleResult
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
+from flux2.watermark import MIN_PIXELS, WatermarkConfig, embed
 from flux2.weights import WeightPaths, find_weights
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
+# The reference's message, with the DWT-DCT-SVD method: the reference's plain DWT-DCT loses the mark after
+# JPEG 95 on most images and even losslessly on smooth ones (benchmarks/watermark_robustness.py).
+DEFAULT_WATERMARK = WatermarkConfig(method="dwtDctSvd")
 
 
 class GenerationCancelled(Exception):
@@ -53,7 +59,7 @@ class GenerationCancelled(Exception):
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "encode_text" | "encode_references" | "denoise" | "decode"
+    stage: str  # "upsample" | "encode_text" | "encode_references" | "denoise" | "decode"
     step: int  # steps done in this stage
     total: int
 
@@ -70,9 +76,12 @@ class GenerationRecord:
     width: int
     height: int
     negative_prompt: str | None = None
-    upsampled_prompt: str | None = None
+    upsampled_prompt: str | None = None  # what the model was given, when prompt upsampling worked
+    upsampling_error: str | None = None  # why upsampling fell back to the prompt as given
     references: tuple[str, ...] = ()  # sha256 of each reference image's RGB pixels
     kv_cache: bool = False
+    watermark: str | None = None  # the invisible-watermark method embedded, if any
+    safety: str = "off"  # the safety policy mode the image passed
     software: str = f"flux2 {__version__}"
     note: str = ""
 
@@ -82,8 +91,11 @@ class GenerationRecord:
 
 @dataclass
 class GeneratedImage:
-    image: Image.Image
+    """One result. A flagged output has no image: only its record and the verdict are returned."""
+
+    image: Image.Image | None
     record: GenerationRecord
+    flagged: SafetyVerdict | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,12 @@ class _Request:
     seeds: list[int] = field(hash=False)
     negative_prompt: str | None
     references: list[Image.Image] = field(hash=False)
+    upsampled: UpsampleResult | None = None
+
+    @property
+    def text(self) -> str:
+        """The prompt the text encoder sees."""
+        return self.upsampled.prompt if self.upsampled is not None else self.prompt
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -106,7 +124,9 @@ class Flux2Pipeline:
     """Keeps a model's text encoder, transformer and autoencoder loaded and generates images with them.
 
     Components may be passed in already built (tests, custom weights); otherwise they are loaded by name.
-    With `cpu_offload`, models stay on the CPU and visit the device only while they run.
+    With `cpu_offload`, models stay on the CPU and visit the device only while they run. `upsampler` rewrites
+    prompts (never failing a generation), `safety` screens the prompt, the references and the outputs, and
+    `watermark` (on by default; None turns it off) marks every output.
     """
 
     def __init__(
@@ -120,7 +140,13 @@ class Flux2Pipeline:
         flow_model: nn.Module | None = None,
         ae: nn.Module | None = None,
         text_encoder: nn.Module | None = None,
+        upsampler: PromptUpsampler | None = None,
+        safety: SafetyPolicy | None = None,
+        watermark: WatermarkConfig | None = DEFAULT_WATERMARK,
     ):
+        self.upsampler = upsampler
+        self.safety = safety if safety is not None else SafetyPolicy("off")
+        self.watermark = watermark
         self.info: ModelInfo = model_info(model)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.info, self.device)
@@ -180,10 +206,15 @@ class Flux2Pipeline:
         negative_prompt: str | None = None,
         reference_images: Sequence[ImageInput] = (),
         match_image_size: int | None = None,
+        upsample: bool = True,
         callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> list[GeneratedImage]:
-        """Text-to-image, or editing when reference images are given. Image i uses seed + i."""
+        """Text-to-image, or editing when reference images are given. Image i uses seed + i.
+
+        Raises ContentFlagged when the safety policy flags the prompt or a reference image; a flagged output
+        comes back without its image. `upsample=False` skips the pipeline's upsampler for this call.
+        """
         request = self._request(
             prompt,
             width,
@@ -197,6 +228,9 @@ class Flux2Pipeline:
             match_image_size,
         )
         report = _Reporter(callback, cancel)
+        self._screen_inputs(request)
+        if upsample and self.upsampler is not None:
+            request = self._upsample(request, report)
         outputs: list[GeneratedImage] = []
         with torch.inference_mode():
             txt, txt_ids = self._encode_text(request, report)
@@ -206,7 +240,7 @@ class Flux2Pipeline:
                 for seed in request.seeds:
                     try:
                         latents = self._denoise(request, seed, txt, txt_ids, refs, ref_ids, report)
-                        outputs.append(GeneratedImage(self._decode(latents, report), self._record(request, seed)))
+                        outputs.append(self._finish(self._decode(latents, report), request, seed))
                     except GenerationCancelled as cancelled:
                         raise GenerationCancelled(str(cancelled), completed=outputs) from None
         return outputs
@@ -276,9 +310,9 @@ class Flux2Pipeline:
         report(Progress("encode_text", 0, 1))
         with self._resident(self.text_encoder):
             if self.info.uses_cfg:  # [uncond; cond], uncond first as in the reference
-                ctx = self.text_encoder([request.negative_prompt or "", request.prompt])
+                ctx = self.text_encoder([request.negative_prompt or "", request.text])
             else:
-                ctx = self.text_encoder([request.prompt])
+                ctx = self.text_encoder([request.text])
         ctx = ctx.to(self.device, self.dtype)  # [1, L, C], or [2, L, C] = [uncond; cond] with CFG
         report(Progress("encode_text", 1, 1))
         return batched_prc_txt(ctx)
@@ -330,7 +364,34 @@ class Flux2Pipeline:
         report(Progress("decode", 1, 1))
         return tensor_to_image(pixels[0])
 
-    def _record(self, request: _Request, seed: int) -> GenerationRecord:
+    def _screen_inputs(self, request: _Request) -> None:
+        verdicts = [self.safety.check_prompt(request.prompt)]
+        verdicts += [self.safety.check_reference(image) for image in request.references]
+        for verdict in verdicts:
+            if verdict is not None:
+                raise ContentFlagged(verdict)
+
+    def _upsample(self, request: _Request, report: "_Reporter") -> _Request:
+        report(Progress("upsample", 0, 1))
+        result = self.upsampler.upsample(request.prompt, request.references)
+        report(Progress("upsample", 1, 1))
+        return replace(request, upsampled=result)
+
+    def _finish(self, image: Image.Image, request: _Request, seed: int) -> GeneratedImage:
+        """Screen the output, then watermark it; a flagged output loses its pixels."""
+        verdict = self.safety.check_output(image)
+        if verdict is not None:
+            log.warning("output image (seed %d) withheld: %s", seed, verdict.detail)
+            return GeneratedImage(None, self._record(request, seed, watermark=None), flagged=verdict)
+        method = None
+        if self.watermark is not None and image.width * image.height >= MIN_PIXELS:
+            image, method = embed(image, self.watermark), self.watermark.method
+        elif self.watermark is not None:
+            log.warning("image %dx%d is below the watermark's %d px minimum: not watermarked", *image.size, MIN_PIXELS)
+        return GeneratedImage(image, self._record(request, seed, watermark=method))
+
+    def _record(self, request: _Request, seed: int, watermark: str | None) -> GenerationRecord:
+        upsampled = request.upsampled
         return GenerationRecord(
             model=self.info.name,
             prompt=request.prompt,
@@ -340,8 +401,12 @@ class Flux2Pipeline:
             width=request.width,
             height=request.height,
             negative_prompt=request.negative_prompt,
+            upsampled_prompt=upsampled.upsampled if upsampled is not None else None,
+            upsampling_error=upsampled.error if upsampled is not None else None,
             references=tuple(image_sha256(im) for im in request.references),
             kv_cache=self.info.use_kv_cache and bool(request.references),
+            watermark=watermark,
+            safety=self.safety.mode,
             note="noise image from the random-weight self-test model" if self.info.is_tiny else "",
         )
 
