@@ -11,7 +11,6 @@ from transformers import (
     PixtralImageProcessorPil,
     ProcessorMixin,
     Qwen3ForCausalLM,
-    ViTConfig,
     ViTForImageClassification,
     ViTImageProcessorPil,
 )
@@ -30,7 +29,7 @@ from flux2.safety import (
 )
 from flux2.system_messages import PROMPT_TEXT_INTEGRITY, SYSTEM_PROMPT_CONTENT_FILTER
 from flux2.text_encoder import Mistral3SmallEmbedder
-from flux2.tiny import seeded
+from flux2.tiny import save_tiny_image_classifier
 from flux2.tiny_text_encoders import tiny_mistral3, tiny_qwen3
 
 MERGED_PATCH = 32  # Mistral-3 merges 2x2 Pixtral patches of 16 px: one image token per 32x32 px
@@ -100,19 +99,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def save_tiny_vit(folder, labels: dict[int, str]):
-    config = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, id2label=labels, label2id={v: k for k, v in labels.items()},
-    )  # fmt: skip
-    seeded(lambda: ViTForImageClassification(config), 0).save_pretrained(folder)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def nsfw_folder(tmp_path_factory):
-    return save_tiny_vit(tmp_path_factory.mktemp("nsfw"), {0: "normal", 1: "nsfw"})
+    return save_tiny_image_classifier(tmp_path_factory.mktemp("nsfw"), {0: "normal", 1: "nsfw"})
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +158,7 @@ def test_classifier_threshold_is_strict(nsfw_folder):
 
 def test_classifier_loads_lazily_and_needs_an_nsfw_label(tmp_path):
     NSFWClassifier(tmp_path / "not-there")  # nothing is read until the first check
-    classifier = NSFWClassifier(save_tiny_vit(tmp_path / "pets", {0: "cat", 1: "dog"}))
+    classifier = NSFWClassifier(save_tiny_image_classifier(tmp_path / "pets", {0: "cat", 1: "dog"}))
     with pytest.raises(ValueError, match=r"labels are \['cat', 'dog'\], with no 'nsfw' label"):
         classifier.score(image())
     with pytest.raises(ValueError, match="threshold must be a probability"):

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import torch
+from chat_api import ChatServer, Reply, completion, running_chat_server
 from PIL import Image
 from transformers import Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
@@ -188,80 +185,10 @@ def test_bad_arguments_raise():
 # ----------------------------------------------------------------------------- OpenRouter-compatible server
 
 
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes | dict = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: dict
-    at: float
-
-
-def completion(content: Any) -> dict:
-    message = {"role": "assistant", "content": content}
-    return {"id": "gen-1", "object": "chat.completion", "choices": [{"index": 0, "message": message}]}
-
-
-class ChatServer:
-    """Answers POSTs with the scripted replies in order, then with `default`; records every request."""
-
-    def __init__(self) -> None:
-        self.replies: list[Reply] = []
-        self.default = Reply(500, {"error": {"message": "unscripted request"}})
-        self.received: list[Received] = []
-        self.base_url = ""
-        self._lock = threading.Lock()
-
-    def next_reply(self, request: Received) -> Reply:
-        with self._lock:
-            self.received.append(request)
-            return self.replies.pop(0) if self.replies else self.default
-
-
-class ChatHandler(BaseHTTPRequestHandler):
-    server: Any
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        request = Received(self.path, headers, json.loads(raw), time.monotonic())
-        reply = self.server.chat.next_reply(request)
-        time.sleep(reply.delay)
-        body = json.dumps(reply.body).encode() if isinstance(reply.body, dict) else reply.body
-        try:
-            self.send_response(reply.status)
-            reply_headers = {"Content-Type": "application/json", **reply.headers, "Content-Length": str(len(body))}
-            for name, value in reply_headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:  # the client gave up (timeout test)
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def server() -> Iterator[ChatServer]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
-    httpd.daemon_threads = True
-    httpd.block_on_close = False  # do not wait for a handler still sleeping out a timeout test
-    httpd.chat = ChatServer()
-    httpd.chat.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield httpd.chat
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with running_chat_server() as chat:
+        yield chat
 
 
 def client(server: ChatServer, **kwargs: Any) -> OpenRouterUpsampler:

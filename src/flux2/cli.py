@@ -120,11 +120,18 @@ def _generate(args: argparse.Namespace) -> int:
             match_image_size=args.match_image_size,
             callback=progress,
         )
-    paths = [save_image(out.image, out.record.to_dict(), args.output, args.sidecar) for out in outputs]
+    # A flagged output has no pixels: it is reported, never written.
+    paths = [
+        None if out.image is None else save_image(out.image, out.record.to_dict(), args.output, args.sidecar)
+        for out in outputs
+    ]
     if args.json:
-        print(json.dumps({"outputs": [str(p) for p in paths], "images": [o.record.to_dict() for o in outputs]}))
-    else:
-        for path, out in zip(paths, outputs, strict=True):
+        outputs_json = [None if p is None else str(p) for p in paths]
+        print(json.dumps({"outputs": outputs_json, "images": [o.record.to_dict() for o in outputs]}))
+    for path, out in zip(paths, outputs, strict=True):
+        if out.flagged is not None:
+            print(f"withheld seed {out.record.seed}: {out.flagged.detail}", file=sys.stderr)
+        elif not args.json:
             print(f"saved {path} (seed {out.record.seed})")
     return 0
 

@@ -86,7 +86,8 @@ class GenerationRecord:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: exactly what provenance metadata stores and reads back."""
+        return {**asdict(self), "references": list(self.references)}
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""A tiny-model generation with prompt upsampling (against a loopback chat API), safety and watermark: the saved
+image carries its whole record and a verifiable mark; a flagged output is never returned with pixels."""
+
+import pytest
+from chat_api import Reply, completion, running_chat_server
+from PIL import Image
+
+from flux2.pipeline import DEFAULT_WATERMARK, Flux2Pipeline
+from flux2.provenance import read_exif_tags, read_provenance, save_with_provenance
+from flux2.safety import ContentFlagged, NSFWClassifier, SafetyPolicy
+from flux2.tiny import save_tiny_image_classifier
+from flux2.upsampling import OpenRouterUpsampler
+from flux2.watermark import verify
+
+UPSAMPLED = 'A white lighthouse on a cliff at dusk, warm light in its lamp room, a sign reading "FLUX.2"'
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Flux2Pipeline("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory):
+    return save_tiny_image_classifier(tmp_path_factory.mktemp("nsfw"), {0: "normal", 1: "nsfw"})
+
+
+def pipeline(tiny, **options) -> Flux2Pipeline:
+    parts = dict(flow_model=tiny.flow_model, ae=tiny.ae, text_encoder=tiny.text_encoder)
+    return Flux2Pipeline("tiny", device="cpu", **parts, **options)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_generation_with_upsampling_safety_and_watermark(tiny, classifier_folder, tmp_path, suffix):
+    with running_chat_server() as chat:
+        chat.replies = [Reply(body=completion(UPSAMPLED))]
+        upsampler = OpenRouterUpsampler(base_url=chat.base_url, api_key="test-key", timeout=5.0, backoff=0.01)
+        safety = SafetyPolicy("classifier", classifier=NSFWClassifier(classifier_folder, threshold=0.99))
+        [out] = pipeline(tiny, upsampler=upsampler, safety=safety).generate("a lighthouse", seed=5)
+        assert chat.received[0].body["messages"][-1]["content"] == "a lighthouse"
+
+    path = save_with_provenance(out.image, tmp_path / f"lighthouse{suffix}", out.record.to_dict())
+    stored = read_provenance(path)
+    assert stored == {"software": out.record.software, "version": stored["version"], **out.record.to_dict()}
+    assert stored["prompt"] == "a lighthouse" and stored["upsampled_prompt"] == UPSAMPLED
+    assert stored["seed"] == 5 and stored["watermark"] == "dwtDctSvd" and stored["safety"] == "classifier"
+    assert read_exif_tags(path) == {"Software": "AI generated;flux2", "Make": "Black Forest Labs"}
+    with Image.open(path) as saved:
+        assert verify(saved.convert("RGB"), DEFAULT_WATERMARK).detected  # JPEG is saved at quality 95
+
+
+def test_upsampled_prompt_is_what_the_model_sees(tiny):
+    with running_chat_server() as chat:
+        chat.replies = [Reply(body=completion(UPSAMPLED))]
+        upsampler = OpenRouterUpsampler(base_url=chat.base_url, api_key="test-key", timeout=5.0, backoff=0.01)
+        [upsampled] = pipeline(tiny, upsampler=upsampler).generate("a lighthouse", seed=5, width=32, height=32)
+    [direct] = tiny.generate(UPSAMPLED, seed=5, width=32, height=32)
+    assert upsampled.image.tobytes() == direct.image.tobytes()
+
+
+def test_failed_upsampling_generates_with_the_original_prompt(tiny):
+    with running_chat_server() as chat:
+        chat.default = Reply(503, {"error": {"message": "overloaded"}})
+        upsampler = OpenRouterUpsampler(
+            base_url=chat.base_url, api_key="test-key", timeout=5.0, backoff=0.01, max_retries=1
+        )
+        [out] = pipeline(tiny, upsampler=upsampler).generate("a lighthouse", seed=5, width=32, height=32)
+    assert out.record.upsampled_prompt is None and "503" in out.record.upsampling_error
+    [direct] = tiny.generate("a lighthouse", seed=5, width=32, height=32)
+    assert out.image.tobytes() == direct.image.tobytes()
+
+
+def test_flagged_output_has_no_pixels_and_flagged_reference_stops_the_run(tiny, classifier_folder):
+    always = SafetyPolicy("classifier", classifier=NSFWClassifier(classifier_folder, threshold=0.0))
+    [out] = pipeline(tiny, safety=always).generate("a lighthouse", seed=5, width=32, height=32)
+    assert out.image is None and out.flagged.check == "nsfw_classifier" and out.flagged.stage == "output"
+    reference = Image.new("RGB", (64, 64), (90, 120, 200))
+    with pytest.raises(ContentFlagged, match="reference"):
+        pipeline(tiny, safety=always).edit("make it red", [reference], seed=5, width=32, height=32)
+
+
+def test_watermark_can_be_turned_off(tiny):
+    [out] = pipeline(tiny, watermark=None).generate("a lighthouse", seed=5)
+    assert out.record.watermark is None and not verify(out.image, DEFAULT_WATERMARK).detected
