@@ -82,3 +82,25 @@ def test_flagged_output_has_no_pixels_and_flagged_reference_stops_the_run(tiny, 
 def test_watermark_can_be_turned_off(tiny):
     [out] = pipeline(tiny, watermark=None).generate("a lighthouse", seed=5)
     assert out.record.watermark is None and not verify(out.image, DEFAULT_WATERMARK).detected
+
+
+def test_safety_by_mode_name_and_dev_reuses_its_encoder_for_the_llm_check(tiny):
+    from dataclasses import replace
+
+    import torch
+
+    from flux2.registry import TINY_PARAMS
+    from flux2.text_encoder import Mistral3SmallEmbedder
+    from flux2.tiny import random_flow_model
+    from flux2.tiny_text_encoders import tiny_mistral3
+
+    assert pipeline(tiny, safety="classifier").safety.mode == "classifier"  # nothing loads until first use
+    model, processor = tiny_mistral3()
+    processor.add_tokens(["yes", "no"])  # one token each, as in the real Mistral vocabulary
+    model.resize_token_embeddings(len(processor))
+    encoder = Mistral3SmallEmbedder(model, "cpu", processor=processor, dtype=torch.float32)
+    dev = Flux2Pipeline(
+        "flux.2-dev", device="cpu", dtype=torch.float32, ae=tiny.ae, text_encoder=encoder, safety="full",
+        flow_model=random_flow_model(replace(TINY_PARAMS, use_guidance_embed=True)),
+    )  # fmt: skip
+    assert dev.safety.integrity.model is encoder.model

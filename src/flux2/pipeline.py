@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from flux2 import __version__
 from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
-from flux2.safety import ContentFlagged, SafetyPolicy, SafetyVerdict
+from flux2.safety import ContentFlagged, IntegrityChecker, SafetyPolicy, SafetyVerdict
 from flux2.sampling import (
     PIXELS_PER_TOKEN,
     batched_prc_img,
@@ -33,6 +33,7 @@ from flux2.sampling import (
     scatter_ids,
     tensor_to_image,
 )
+from flux2.text_encoder import Mistral3SmallEmbedder
 from flux2.upsampling import PromptUpsampler, UpsampleResult
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
 from flux2.watermark import MIN_PIXELS, WatermarkConfig, embed
@@ -142,11 +143,10 @@ class Flux2Pipeline:
         ae: nn.Module | None = None,
         text_encoder: nn.Module | None = None,
         upsampler: PromptUpsampler | None = None,
-        safety: SafetyPolicy | None = None,
+        safety: SafetyPolicy | str | None = None,
         watermark: WatermarkConfig | None = DEFAULT_WATERMARK,
     ):
         self.upsampler = upsampler
-        self.safety = safety if safety is not None else SafetyPolicy("off")
         self.watermark = watermark
         self.info: ModelInfo = model_info(model)
         self.device = torch.device(device) if device is not None else default_device()
@@ -167,6 +167,19 @@ class Flux2Pipeline:
             ae = load_ae(name, home, path=paths.ae)
         self.text_encoder, self.flow_model, self.ae = text_encoder, flow_model, ae
         self._check_components()
+        self.safety = self._safety_policy(safety)
+
+    def _safety_policy(self, safety: SafetyPolicy | str | None) -> SafetyPolicy:
+        """A mode name gets the reference's checkers; on [dev] the loaded Mistral encoder doubles as the
+        integrity checker, so "full" costs no second 24B model there."""
+        if safety is None or isinstance(safety, SafetyPolicy):
+            return safety if safety is not None else SafetyPolicy("off")
+        policy = SafetyPolicy.from_settings(safety, device=self.device)
+        if safety == "full" and isinstance(self.text_encoder, Mistral3SmallEmbedder):
+            encoder = self.text_encoder
+            policy = SafetyPolicy("full", classifier=policy.classifier, integrity=lambda: IntegrityChecker(
+                encoder.model, encoder.processor))  # fmt: skip
+        return policy
 
     def _locate(self, weights_dir, flow_model, ae, text_encoder) -> WeightPaths:
         """Find every part still to load before loading any, so one error names everything missing."""
