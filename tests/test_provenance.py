@@ -53,3 +53,13 @@ def test_sidecar_survives_stripped_metadata(image, tmp_path):
 def test_unknown_format_is_a_clear_error(image, tmp_path):
     with pytest.raises(ValueError, match="must end in one of .png"):
         save_with_provenance(image, tmp_path / "out.tiff", RECORD)
+
+
+def test_a_record_too_long_for_exif_goes_to_the_sidecar(image, tmp_path):
+    long = dict(RECORD, prompt="a very long prompt " * 4000)  # about 150 KB of UTF-16, over the 64 KiB segment
+    path = save_with_provenance(image, tmp_path / "long.jpg", long)
+    assert sidecar_path(path).is_file()
+    assert read_provenance(path)["prompt"] == long["prompt"]
+    sidecar_path(path).unlink()
+    shortened = read_provenance(path)
+    assert shortened["truncated"] and "prompt" not in shortened and shortened["seed"] == RECORD["seed"]

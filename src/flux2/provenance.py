@@ -21,6 +21,10 @@ EXIF_USER_COMMENT = 0x9286
 USER_COMMENT_UNICODE = b"UNICODE\0"  # Exif character-code prefix, then UTF-16 text (big endian with a BOM)
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# A JPEG Exif segment holds at most 64 KiB; a record too long for it (very long prompts) goes to the sidecar,
+# and the Exif keeps it without the prompt texts, marked as truncated.
+MAX_EXIF_RECORD = 60_000
+LONG_FIELDS = ("prompt", "upsampled_prompt", "negative_prompt")
 
 
 def provenance(record: dict) -> dict:
@@ -28,13 +32,21 @@ def provenance(record: dict) -> dict:
     return {"software": "flux2", "version": __version__, **record}
 
 
-def _exif(record: dict) -> Image.Exif:
+def _user_comment(record: dict) -> bytes:
+    return USER_COMMENT_UNICODE + json.dumps(record, ensure_ascii=False).encode("utf-16")
+
+
+def _exif(record: dict) -> tuple[Image.Exif, bool]:
+    """The Exif block, and whether the record had to be shortened to fit it."""
     exif = Image.Exif()
     exif[EXIF_SOFTWARE] = SOFTWARE
     exif[EXIF_MAKE] = MAKE
-    comment = json.dumps(record, ensure_ascii=False)
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + comment.encode("utf-16")
-    return exif
+    comment = _user_comment(record)
+    truncated = len(comment) > MAX_EXIF_RECORD
+    if truncated:
+        comment = _user_comment({**{k: v for k, v in record.items() if k not in LONG_FIELDS}, "truncated": True})
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = comment
+    return exif, truncated
 
 
 def _png_info(record: dict) -> PngImagePlugin.PngInfo:
@@ -60,10 +72,12 @@ def save_with_provenance(
     path = Path(path)
     fmt = image_format(path)
     stored = provenance(record)
-    if fmt == "PNG":
-        image.save(path, format=fmt, pnginfo=_png_info(stored), exif=_exif(stored))
+    exif, truncated = _exif(stored)
+    if fmt == "PNG":  # PNG text chunks have no size limit: the full record is always in the file
+        image.save(path, format=fmt, pnginfo=_png_info(stored), exif=exif)
     else:
-        image.convert("RGB").save(path, format=fmt, quality=quality, exif=_exif(stored))
+        image.convert("RGB").save(path, format=fmt, quality=quality, exif=exif)
+        sidecar = sidecar or truncated
     if sidecar:
         sidecar_path(path).write_text(json.dumps(stored, indent=2, ensure_ascii=False))
     return path
@@ -79,7 +93,7 @@ def read_provenance(path: str | Path) -> dict | None:
     path = Path(path)
     with Image.open(path) as image:
         record = _from_png_text(image) or _from_exif(image)
-    if record is None and sidecar_path(path).is_file():
+    if (record is None or record.get("truncated")) and sidecar_path(path).is_file():
         record = json.loads(sidecar_path(path).read_text())
     return record
 
