@@ -98,14 +98,14 @@ def test_local_vision_model_sees_images_capped_and_side_by_side(mistral):
     ((part,),) = [image_turn["content"]]
     assert image_turn["role"] == "user" and part["type"] == "image"
     shown = part["image"]
-    capped = [cap_pixels(im, UPSAMPLING_MAX_IMAGE_SIZE).size for im in images]
-    assert capped[2] == (64, 48)  # small images are not enlarged
-    assert all(w * h <= UPSAMPLING_MAX_IMAGE_SIZE for w, h in capped)
-    assert shown.size == (sum(w for w, _ in capped), max(h for _, h in capped))
-    x = 0
-    for (w, _), colour in zip(capped, colours, strict=True):  # left to right, in the given order
-        assert shown.getpixel((x + w // 2, shown.height // 2)) == colour
-        x += w
+    # Side by side first (1764 x 1400), then the whole capped at 768² px: several images cost no more than one.
+    joined_w, joined_h = sum(im.width for im in images), max(im.height for im in images)
+    assert shown.size == cap_pixels(Image.new("RGB", (joined_w, joined_h)), UPSAMPLING_MAX_IMAGE_SIZE).size
+    assert shown.width * shown.height <= UPSAMPLING_MAX_IMAGE_SIZE
+    scale, x = shown.width / joined_w, 0
+    for image, colour in zip(images, colours, strict=True):  # left to right, in the given order
+        assert shown.getpixel((int((x + image.width / 2) * scale), shown.height // 2)) == colour
+        x += image.width
     assert rendered(processor).count("[IMG]") == 1
     assert result.used and result.upsampled
 
@@ -197,7 +197,7 @@ def client(server: ChatServer, **kwargs: Any) -> OpenRouterUpsampler:
 
 
 def decode_data_url(url: str) -> Image.Image:
-    prefix = "data:image/png;base64,"
+    prefix = "data:image/jpeg;base64,"
     assert url.startswith(prefix)
     return Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
 
@@ -237,7 +237,7 @@ def test_openrouter_image_request(server, monkeypatch):
     assert text_part == {"type": "text", "text": PROMPT}
     sent = [decode_data_url(part["image_url"]["url"]) for part in image_parts]
     assert [im.size for im in sent] == [(122, 81), (50, 40)]  # the first capped to 100^2 px, one part per image
-    assert sent[0].getpixel((60, 40))[:3] == (255, 0, 0)
+    assert all(abs(a - b) <= 3 for a, b in zip(sent[0].getpixel((60, 40)), (255, 0, 0), strict=True))  # JPEG 90
 
 
 def test_openrouter_429_then_success_honours_retry_after(server):
@@ -307,7 +307,6 @@ def test_openrouter_malformed_bodies_fall_back(server, body, reason):
 def test_openrouter_missing_key_falls_back_without_a_request(server, monkeypatch, caplog):
     monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
     with client(server, api_key=None) as upsampler, caplog.at_level(logging.WARNING):
-        assert "test-key" not in repr(upsampler)
         result = upsampler.upsample(PROMPT, [solid((16, 16), (0, 0, 0))])
     assert result.prompt == PROMPT and "OPENROUTER_API_KEY" in result.error
     assert server.received == [] and "OPENROUTER_API_KEY" in caplog.text
@@ -341,3 +340,24 @@ def test_make_upsampler(qwen):
     assert isinstance(local, LocalUpsampler) and isinstance(local, PromptUpsampler)
     with pytest.raises(ValueError, match="'none', 'local', 'openrouter', got 'remote'"):
         make_upsampler("remote")
+
+
+def test_the_key_never_shows_in_repr(server):
+    with client(server, api_key="sk-secret-123") as upsampler:
+        assert "sk-secret-123" not in repr(upsampler)
+
+
+def test_retry_after_as_an_http_date_is_utc(monkeypatch):
+    import email.utils
+    import time
+
+    from flux2.upsampling import _retry_after_seconds
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        in_ten = email.utils.formatdate(time.time() + 10, usegmt=False).replace("+0000", "-0000")
+        assert 8 <= _retry_after_seconds(in_ten) <= 11
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -17,6 +17,7 @@ reference (`Mistral3SmallEmbedder.upsample_prompt` and `OpenRouterAPIClient.upsa
 from __future__ import annotations
 
 import base64
+import datetime
 import email.utils
 import io
 import logging
@@ -156,10 +157,16 @@ def _upsample_or_fall_back(prompt: str, source: str, attempt: Callable[[], str])
     return UpsampleResult.fallback(prompt, error)
 
 
+def _without_image_tags(prompt: str) -> str:
+    """A literal [IMG] in a prompt would be read as an image placeholder (as the reference, drop it)."""
+    return prompt.replace("[IMG]", "")
+
+
 def upsampling_image(images: Sequence[Image.Image], max_pixels: int = UPSAMPLING_MAX_IMAGE_SIZE) -> Image.Image:
-    """The one image the local model sees: each image capped at `max_pixels` (LANCZOS), then side by side."""
-    capped = [cap_pixels(image.convert("RGB"), max_pixels) for image in images]
-    return capped[0] if len(capped) == 1 else concatenate_images(capped)
+    """The one image the local model sees: the images side by side, then capped at `max_pixels` (LANCZOS), so
+    several references never cost more than one."""
+    rgb = [image.convert("RGB") for image in images]
+    return cap_pixels(rgb[0] if len(rgb) == 1 else concatenate_images(rgb), max_pixels)
 
 
 def _model_has_vision(model: PreTrainedModel) -> bool:
@@ -246,6 +253,7 @@ class LocalUpsampler:
     def messages(self, prompt: str, images: Sequence[Image.Image] = ()) -> list[dict[str, Any]]:
         """The conversation given to the chat template (see the class docstring)."""
         images = _check_request(prompt, images)
+        prompt = _without_image_tags(prompt)
         system = upsampling_system_message(images)
         if self.vision:
             conversation = [{"role": "system", "content": [{"type": "text", "text": system}]}]
@@ -294,12 +302,11 @@ class LocalUpsampler:
         return _THINK_BLOCK.sub("", text).strip()
 
 
-def _png_data_url(image: Image.Image, max_pixels: int) -> str:
-    if image.mode not in ("RGB", "RGBA", "L"):
-        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+def _jpeg_data_url(image: Image.Image, max_pixels: int) -> str:
+    """JPEG (quality 90): a tenth of a PNG's size for photos, so several references stay a small request."""
     buffer = io.BytesIO()
-    cap_pixels(image, max_pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    cap_pixels(image.convert("RGB"), max_pixels).save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -310,7 +317,10 @@ def _retry_after_seconds(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:  # "-0000" and asctime dates: HTTP dates are always UTC
+                when = when.replace(tzinfo=datetime.UTC)
+            seconds = when.timestamp() - time.time()
         except (TypeError, ValueError):
             return None
     return max(0.0, seconds) if math.isfinite(seconds) else None
@@ -429,7 +439,7 @@ class OpenRouterUpsampler:
         """The chat-completions JSON body for one prompt."""
         images = _check_request(prompt, images)
         if images:
-            urls = [_png_data_url(image, self.max_image_pixels) for image in images]
+            urls = [_jpeg_data_url(image, self.max_image_pixels) for image in images]
             parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
             content: str | list[dict[str, Any]] = [*parts, {"type": "text", "text": prompt}]
         else:
