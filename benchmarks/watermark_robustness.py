@@ -4,7 +4,7 @@ For each method (dwtDct, the reference's; dwtDctSvd), each image and each size, 
 FLUX.2 message (`flux2.watermark.embed`), attacked, and read back with `flux2.watermark.verify`:
 
   png         PNG round trip (lossless)
-  jpeg95      JPEG quality 95, Pillow's default 4:2:0 chroma subsampling (what `flux2.provenance.save` writes)
+  jpeg95      JPEG quality 95, Pillow's default 4:2:0 chroma subsampling (what flux2.provenance writes)
   jpeg95-444  JPEG quality 95 without chroma subsampling (the mark lives in chroma, so this is the kinder case)
   jpeg90      JPEG quality 90, 4:2:0
   jpeg75      JPEG quality 75, 4:2:0

@@ -2,6 +2,7 @@
 image carries its whole record and a verifiable mark; a flagged output is never returned with pixels."""
 
 import pytest
+import torch
 from chat_api import Reply, completion, running_chat_server
 from PIL import Image
 
@@ -87,8 +88,6 @@ def test_watermark_can_be_turned_off(tiny):
 def test_safety_by_mode_name_and_dev_reuses_its_encoder_for_the_llm_check(tiny):
     from dataclasses import replace
 
-    import torch
-
     from flux2.registry import TINY_PARAMS
     from flux2.text_encoder import Mistral3SmallEmbedder
     from flux2.tiny import random_flow_model
@@ -104,3 +103,29 @@ def test_safety_by_mode_name_and_dev_reuses_its_encoder_for_the_llm_check(tiny):
         flow_model=random_flow_model(replace(TINY_PARAMS, use_guidance_embed=True)),
     )  # fmt: skip
     assert dev.safety.integrity.model is encoder.model
+
+
+class BrokenUpsampler:
+    def upsample(self, prompt, images=()):
+        raise RuntimeError("a third-party upsampler bug")
+
+
+def test_an_upsampler_that_raises_never_fails_the_generation(tiny):
+    [out] = pipeline(tiny, upsampler=BrokenUpsampler()).generate("a lighthouse", seed=5, width=32, height=32)
+    assert out.record.upsampled_prompt is None and "third-party upsampler bug" in out.record.upsampling_error
+
+
+def test_full_safety_without_image_support_fails_before_any_denoising(tiny, classifier_folder):
+    from flux2.safety import IntegrityChecker
+    from flux2.tiny_text_encoders import tiny_mistral3
+
+    model, tokenizer = tiny_mistral3()  # a tokenizer, not an image processor: the image check cannot run
+    tokenizer.add_tokens(["yes", "no"])
+    model.resize_token_embeddings(len(tokenizer))
+    policy = SafetyPolicy(
+        "full", classifier=NSFWClassifier(classifier_folder), integrity=IntegrityChecker(model.float(), tokenizer)
+    )
+    stages = []
+    with pytest.raises(ValueError, match="needs a processor that handles images"):
+        pipeline(tiny, safety=policy).generate("a lighthouse", width=32, height=32, callback=stages.append)
+    assert stages == []  # nothing was generated (or upsampled, or encoded) first

@@ -2,7 +2,8 @@
 
 pipe = Flux2Pipeline("flux.2-klein-4b")
 [out] = pipe.generate("a lighthouse at dusk", seed=7)
-out.image.save("lighthouse.png"); print(out.record.seed)
+save_with_provenance(out.image, "lighthouse.png", out.record.to_dict())  # flux2.provenance
+print(out.record.seed)
 """
 
 import hashlib
@@ -42,9 +43,7 @@ from flux2.weights import WeightPaths, find_weights
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
-# The reference's message, with the DWT-DCT-SVD method: the reference's plain DWT-DCT loses the mark after
-# JPEG 95 on most images and even losslessly on smooth ones (benchmarks/watermark_robustness.py).
-DEFAULT_WATERMARK = WatermarkConfig(method="dwtDctSvd")
+DEFAULT_WATERMARK = WatermarkConfig()  # the reference's message; the robust method (see flux2.watermark)
 
 
 class GenerationCancelled(Exception):
@@ -82,7 +81,7 @@ class GenerationRecord:
     references: tuple[str, ...] = ()  # sha256 of each reference image's RGB pixels
     kv_cache: bool = False
     watermark: str | None = None  # the invisible-watermark method embedded, if any
-    safety: str = "off"  # the safety policy mode the image passed
+    safety: str = "off"  # the safety policy mode in force (see GeneratedImage.flagged for a withheld output)
     software: str = f"flux2 {__version__}"
     note: str = ""
 
@@ -242,9 +241,12 @@ class Flux2Pipeline:
             match_image_size,
         )
         report = _Reporter(callback, cancel)
-        self._screen_inputs(request)
+        self.safety.prepare()
+        self._screen(request.prompt, request.references)
         if upsample and self.upsampler is not None:
             request = self._upsample(request, report)
+            if request.text != request.prompt:  # the text the model will see, written by another model
+                self._screen(request.text, [])
         outputs: list[GeneratedImage] = []
         with torch.inference_mode():
             txt, txt_ids = self._encode_text(request, report)
@@ -378,16 +380,19 @@ class Flux2Pipeline:
         report(Progress("decode", 1, 1))
         return tensor_to_image(pixels[0])
 
-    def _screen_inputs(self, request: _Request) -> None:
-        verdicts = [self.safety.check_prompt(request.prompt)]
-        verdicts += [self.safety.check_reference(image) for image in request.references]
+    def _screen(self, prompt: str, references: list[Image.Image]) -> None:
+        verdicts = [self.safety.check_prompt(prompt)] + [self.safety.check_reference(im) for im in references]
         for verdict in verdicts:
             if verdict is not None:
                 raise ContentFlagged(verdict)
 
     def _upsample(self, request: _Request, report: "_Reporter") -> _Request:
         report(Progress("upsample", 0, 1))
-        result = self.upsampler.upsample(request.prompt, request.references)
+        try:
+            result = self.upsampler.upsample(request.prompt, request.references)
+        except Exception as err:  # any upsampler, ours or not, must never fail a generation
+            log.warning("prompt upsampling failed, generating with the original prompt: %s", err)
+            result = UpsampleResult.fallback(request.prompt, f"{type(err).__name__}: {err}")
         report(Progress("upsample", 1, 1))
         return replace(request, upsampled=result)
 

@@ -5,6 +5,7 @@ from tqdm.auto import tqdm
 from flux2.pipeline import Progress
 
 STAGE_LABELS = {
+    "upsample": "upsampling prompt",
     "encode_text": "encoding prompt",
     "encode_references": "encoding references",
     "denoise": "denoising",

@@ -29,8 +29,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
@@ -45,7 +43,14 @@ from flux2.system_messages import (
     PROMPT_TEXT_INTEGRITY,
     SYSTEM_PROMPT_CONTENT_FILTER,
 )
-from flux2.text_encoder import DEFAULT_DTYPE, MISTRAL_MODEL_ID, MISTRAL_PROCESSOR_ID, PathLike, TextPreprocessor
+from flux2.text_encoder import (
+    DEFAULT_DTYPE,
+    MISTRAL_MODEL_ID,
+    MISTRAL_PROCESSOR_ID,
+    PathLike,
+    TextPreprocessor,
+    load_processor,
+)
 
 NSFW_MODEL_ID = "Falconsai/nsfw_image_detection"
 NSFW_LABEL = "nsfw"
@@ -224,7 +229,7 @@ class IntegrityChecker:
         multimodal = AutoConfig.from_pretrained(path).model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
         model_cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         model = model_cls.from_pretrained(path, dtype=dtype or DEFAULT_DTYPE, device_map=str(torch.device(device)))
-        return cls(model.eval().requires_grad_(False), _load_processor(processor))
+        return cls(model.eval().requires_grad_(False), load_processor(processor))
 
     @staticmethod
     def text_conversation(prompt: str) -> list[dict]:
@@ -273,24 +278,18 @@ class IntegrityChecker:
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
         return self._verdict(self.text_conversation(prompt), stage)
 
-    def check_image(self, image: ImageInput, stage: Stage = "output") -> SafetyVerdict:
+    def require_image_support(self) -> None:
         if getattr(self.processor, "image_processor", None) is None:
             # A bare tokenizer would render the image as one placeholder token and silently ignore its pixels.
             raise ValueError(
-                f"check_image needs a processor that handles images (e.g. transformers' PixtralProcessor, which "
-                f"needs torchvision), got {type(self.processor).__name__}"
+                f"the image integrity check needs a processor that handles images (e.g. transformers' "
+                f"PixtralProcessor, which needs torchvision), got {type(self.processor).__name__}"
             )
+
+    def check_image(self, image: ImageInput, stage: Stage = "output") -> SafetyVerdict:
+        self.require_image_support()
         image = resize_to_pixels(as_pil_image(image))
         return self._verdict(self.image_conversation(image), stage)
-
-
-def _load_processor(path: PathLike) -> TextPreprocessor:
-    try:
-        return AutoProcessor.from_pretrained(path, use_fast=False)
-    except ImportError:
-        # transformers 5's PixtralProcessor needs torchvision. The tokenizer alone still runs text checks;
-        # check_image then says what is missing.
-        return AutoTokenizer.from_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- policy
@@ -355,6 +354,15 @@ class SafetyPolicy:
                     raise ValueError(f"the integrity factory returned {type(checker).__name__}, not IntegrityChecker")
                 self._integrity = checker
             return self._integrity
+
+    def prepare(self) -> None:
+        """Load what the mode needs and check it can do its job, so that a problem shows before any image is
+        generated rather than after (the models otherwise load on first use)."""
+        if self.mode == "off":
+            return
+        self.classifier._pipeline()
+        if self.mode == "full":
+            self.integrity.require_image_support()
 
     def check_prompt(self, prompt: str) -> SafetyVerdict | None:
         """The flagged verdict, or None. Only "full" checks prompts (there is no text classifier)."""

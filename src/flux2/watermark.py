@@ -60,7 +60,9 @@ DETECTION_THRESHOLD = 0.9
 class WatermarkConfig:
     """Which method writes the mark and which bits it carries."""
 
-    method: str = "dwtDct"  # the reference's method; "dwtDctSvd" survives JPEG and smooth images
+    # "dwtDctSvd" survives JPEG 95-75 and smooth images; the reference's "dwtDct" loses the mark after JPEG 95 on
+    # most images (benchmarks/watermark_robustness.py). One default for embedding and checking.
+    method: str = "dwtDctSvd"
     bits: tuple[int, ...] = FLUX2_BITS
 
     def __post_init__(self) -> None:
