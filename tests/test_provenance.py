@@ -63,3 +63,12 @@ def test_a_record_too_long_for_exif_goes_to_the_sidecar(image, tmp_path):
     sidecar_path(path).unlink()
     shortened = read_provenance(path)
     assert shortened["truncated"] and "prompt" not in shortened and shortened["seed"] == RECORD["seed"]
+
+
+def test_many_references_still_save_as_jpeg(image, tmp_path):
+    many = dict(RECORD, references=["cd" * 32] * 1000)  # 64 KB of hashes alone
+    path = save_with_provenance(image, tmp_path / "many.jpg", many)
+    assert read_provenance(path)["references"] == many["references"]  # whole, from the sidecar
+    sidecar_path(path).unlink()
+    essentials = read_provenance(path)
+    assert essentials["seed"] == RECORD["seed"] and essentials["truncated"] and "references" not in essentials

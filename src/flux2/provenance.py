@@ -18,13 +18,14 @@ RECORD_KEY = "flux2"
 
 EXIF_MAKE, EXIF_SOFTWARE, EXIF_IFD = 0x010F, 0x0131, 0x8769
 EXIF_USER_COMMENT = 0x9286
-USER_COMMENT_UNICODE = b"UNICODE\0"  # Exif character-code prefix, then UTF-16 text (big endian with a BOM)
+USER_COMMENT_UNICODE = b"UNICODE\0"  # Exif character-code prefix, then UTF-16 text (with a byte-order mark)
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # A JPEG Exif segment holds at most 64 KiB; a record too long for it (very long prompts) goes to the sidecar,
 # and the Exif keeps it without the prompt texts, marked as truncated.
 MAX_EXIF_RECORD = 60_000
 LONG_FIELDS = ("prompt", "upsampled_prompt", "negative_prompt")
+ESSENTIAL_FIELDS = ("software", "version", "model", "seed", "num_steps", "guidance", "width", "height")
 
 
 def provenance(record: dict) -> dict:
@@ -43,8 +44,10 @@ def _exif(record: dict) -> tuple[Image.Exif, bool]:
     exif[EXIF_MAKE] = MAKE
     comment = _user_comment(record)
     truncated = len(comment) > MAX_EXIF_RECORD
-    if truncated:
+    if truncated:  # without the prompt texts, and if still too long (many references), the bare essentials
         comment = _user_comment({**{k: v for k, v in record.items() if k not in LONG_FIELDS}, "truncated": True})
+        if len(comment) > MAX_EXIF_RECORD:
+            comment = _user_comment({k: record.get(k) for k in ESSENTIAL_FIELDS} | {"truncated": True})
     exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = comment
     return exif, truncated
 
@@ -107,7 +110,10 @@ def read_exif_tags(path: str | Path) -> dict[str, str]:
 
 def _from_png_text(image: Image.Image) -> dict | None:
     text = getattr(image, "text", {}) or {}
-    return json.loads(text[RECORD_KEY]) if RECORD_KEY in text else None
+    try:
+        return json.loads(text[RECORD_KEY]) if RECORD_KEY in text else None
+    except ValueError:  # a damaged chunk: fall back to the Exif copy or the sidecar
+        return None
 
 
 def _from_exif(image: Image.Image) -> dict | None:
