@@ -64,3 +64,28 @@ def test_missing_weights_offline_names_the_variable(tmp_path):
     result = run("generate", "x", "--model", "flux.2-klein-4b", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "QWEN3_4B_PATH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flagged_output_is_reported_and_not_written(tmp_path):
+    from flux2.tiny import save_tiny_image_classifier
+
+    classifier = save_tiny_image_classifier(tmp_path / "nsfw", {0: "normal", 1: "nsfw"})
+    args = ["--model", "tiny", "--width", "32", "--height", "32", "-o", "out", "--json"]
+    safety = ["--safety", "classifier", "--nsfw-model", str(classifier), "--nsfw-threshold", "0"]
+    result = run("generate", "x", *args, *safety, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"] == [None] and "withheld seed" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_upsampling_through_a_loopback_api(tmp_path):
+    from chat_api import Reply, completion, running_chat_server
+
+    with running_chat_server() as chat:
+        chat.replies = [Reply(body=completion("a red fox in fresh snow, low sun"))]
+        args = ["--model", "tiny", "--width", "32", "--height", "32", "--json", "--upsample", "openrouter"]
+        result = run("generate", "a fox", *args, "--upsample-url", chat.base_url, cwd=tmp_path,
+                     env={"OPENROUTER_API_KEY": "test-key"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [image] = json.loads(result.stdout)["images"]
+    assert image["prompt"] == "a fox" and image["upsampled_prompt"] == "a red fox in fresh snow, low sun"

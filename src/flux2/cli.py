@@ -66,6 +66,18 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dir", type=Path, help="folder holding the weights (or $FLUX2_WEIGHTS_DIR)")
     p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until they run")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and parameters")
+    p.add_argument("--upsample", choices=["none", "local", "openrouter"], default="none", help="prompt upsampling")
+    p.add_argument("--upsample-model", help="local: model folder or Hub id; openrouter: the API's model name")
+    p.add_argument("--upsample-url", help="openrouter: an OpenAI-compatible base URL (key: $OPENROUTER_API_KEY)")
+    p.add_argument(
+        "--safety",
+        choices=["off", "classifier", "full"],
+        default="off",
+        help="screen prompt, references and outputs (full adds the chat-model check)",
+    )
+    p.add_argument("--nsfw-model", help="image classifier folder or Hub id (default: Falconsai/nsfw_image_detection)")
+    p.add_argument("--nsfw-threshold", type=float, help="flag when the nsfw score is above this (default: 0.85)")
+    p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +106,7 @@ def _list_models() -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from flux2.pipeline import Flux2Pipeline
+    from flux2.pipeline import DEFAULT_WATERMARK, Flux2Pipeline
     from flux2.progress import TerminalProgress
 
     if args.command == "edit" and not args.image:
@@ -102,8 +114,9 @@ def _generate(args: argparse.Namespace) -> int:
     output_target(args.output)  # a bad -o fails now, not after the models have loaded
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = Flux2Pipeline(
-        args.model, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload
-    )
+        args.model, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload,
+        upsampler=_upsampler(args), safety=_safety(args), watermark=None if args.no_watermark else DEFAULT_WATERMARK,
+    )  # fmt: skip
     if pipe.device.type == "cpu" and not pipe.info.is_tiny:
         print("note: running on the CPU; expect minutes per image", file=sys.stderr)
     with TerminalProgress(enabled=not args.json) as progress:
@@ -142,6 +155,24 @@ def output_target(output: Path) -> tuple[Path, str, str]:
         return output, "flux2", ".png"
     image_format(output)  # a clear error for an unknown suffix
     return output.parent, output.stem, output.suffix
+
+
+def _upsampler(args: argparse.Namespace):
+    from flux2.upsampling import make_upsampler
+
+    options = {"model": args.upsample_model} if args.upsample_model else {}
+    if args.upsample == "openrouter" and args.upsample_url:
+        options["base_url"] = args.upsample_url
+    return make_upsampler(args.upsample, **options)
+
+
+def _safety(args: argparse.Namespace):
+    from flux2.safety import SafetyPolicy
+
+    options = {"classifier_model": args.nsfw_model} if args.nsfw_model else {}
+    if args.nsfw_threshold is not None:
+        options["threshold"] = args.nsfw_threshold
+    return SafetyPolicy.from_settings(args.safety, **options) if options else args.safety
 
 
 def save_image(image, record: dict, output: Path, sidecar: bool = False) -> Path:
