@@ -91,12 +91,7 @@ def image(w: int = 96, h: int = 64) -> Image.Image:
     return Image.new("RGB", (w, h), (200, 30, 60))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from flux2.sampling import (
     denoise_cfg,
     encode_image_refs,
     get_schedule,
+    open_image,
     scatter_ids,
     tensor_to_image,
 )
@@ -469,16 +470,7 @@ def _check_fixed(info: ModelInfo, num_steps, guidance) -> None:
 
 
 def _open_image(img: ImageInput, index: int) -> Image.Image:
-    if isinstance(img, Image.Image):
-        return img
-    path = Path(img)
-    if not path.is_file():
-        raise ValueError(f"reference image {index} not found: {path}")
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"reference image {index} ({path}) is not a readable image: {err}") from err
+    return img if isinstance(img, Image.Image) else open_image(img, f"reference image {index}")
 
 
 def image_sha256(img: Image.Image) -> str:

@@ -19,7 +19,6 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -36,7 +35,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from flux2.sampling import tensor_to_image
+from flux2.sampling import open_image, tensor_to_image
 from flux2.system_messages import (
     PROMPT_IMAGE_INTEGRITY,
     PROMPT_IMAGE_INTEGRITY_FOLLOW_UP,
@@ -107,14 +106,7 @@ def as_pil_image(image: ImageInput) -> Image.Image:
             raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W] in [-1, 1], got {tuple(image.shape)}")
         return tensor_to_image(x)
     if isinstance(image, str | os.PathLike):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image not found: {path}")
-        try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"image {path} is not a readable image: {err}") from err
+        return open_image(image)
     raise ValueError(f"image must be a PIL image, a path or a tensor in [-1, 1], got {type(image).__name__}")
 
 

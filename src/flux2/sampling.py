@@ -6,6 +6,7 @@ Position ids have four int64 axes (t, h, w, l): text token j is (0, 0, 0, j), ta
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,6 +132,18 @@ def image_to_tensor(img: Image.Image) -> Tensor:
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
     array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """An RGB image from a file, with an error that names `what` when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"{what} ({path}) is not a readable image: {err}") from err
 
 
 def tensor_to_image(pixels: Tensor) -> Image.Image:
