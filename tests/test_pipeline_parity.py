@@ -215,17 +215,22 @@ def klein(klein_flow, klein_transformer, klein_encoder, ae_pair, qwen3):
     return make
 
 
-def klein_pipeline(twins: Twins, is_distilled: bool, **scheduler_overrides) -> Flux2KleinPipeline:
-    pipe = Flux2KleinPipeline(
-        scheduler=flux2_scheduler(**scheduler_overrides),
+def oracle_pipeline(cls, twins: Twins, scheduler_overrides: dict | None = None, **options):
+    """A diffusers pipeline of class `cls` over the twins' shared components, progress bar off."""
+    pipe = cls(
+        scheduler=flux2_scheduler(**(scheduler_overrides or {})),
         vae=twins.vae,
         text_encoder=twins.text_model,
         tokenizer=twins.tokenizer,
         transformer=twins.transformer,
-        is_distilled=is_distilled,
+        **options,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def klein_pipeline(twins: Twins, is_distilled: bool, **scheduler_overrides) -> Flux2KleinPipeline:
+    return oracle_pipeline(Flux2KleinPipeline, twins, scheduler_overrides, is_distilled=is_distilled)
 
 
 @pytest.fixture(scope="module")
@@ -482,14 +487,7 @@ def test_klein_kv_edit(klein, klein_flow, reference_image, report):
     # Its own diffusers transformer: Flux2KleinKVPipeline swaps the attention processors of the one it is given.
     twins = klein("flux.2-klein-9b-kv", transformer=diffusers_transformer(klein_flow))
     ours = run_ours(twins.ours, reference_images=[reference_image])
-    pipe = Flux2KleinKVPipeline(
-        scheduler=flux2_scheduler(),
-        vae=twins.vae,
-        text_encoder=twins.text_model,
-        tokenizer=twins.tokenizer,
-        transformer=twins.transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = oracle_pipeline(Flux2KleinKVPipeline, twins)
     theirs = run_diffusers(pipe, image=[reference_image], num_inference_steps=4)
     assert [kwargs.get("kv_cache_mode") for _, kwargs in theirs.calls] == ["extract"] + ["cached"] * 3
     assert ours.calls == []  # our KV forwards are methods, not hooked calls: the plain forward never ran
@@ -514,15 +512,7 @@ def dev(ae_pair) -> Twins:
 
 
 def dev_pipeline(twins: Twins) -> diffusers.Flux2Pipeline:
-    pipe = diffusers.Flux2Pipeline(
-        scheduler=flux2_scheduler(),
-        vae=twins.vae,
-        text_encoder=twins.text_model,
-        tokenizer=twins.tokenizer,
-        transformer=twins.transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return oracle_pipeline(diffusers.Flux2Pipeline, twins)
 
 
 def test_dev_guidance_embedded(dev, report):
