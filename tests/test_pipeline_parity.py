@@ -174,9 +174,14 @@ class Twins:
     tokenizer: object
 
 
+# Narrower than TINY_AE_PARAMS: with its random weights the reference latents are larger, so the KV-vs-plain
+# negative control moves the output well past the tolerance (with TINY_AE_PARAMS only 9x the tolerance).
+PARITY_AE_PARAMS = replace(TINY_AE_PARAMS, ch=8, norm_groups=4)
+
+
 @pytest.fixture(scope="module")
 def ae_pair() -> tuple[RecordingAE, AutoencoderKLFlux2]:
-    ae = recording_ae(TINY_AE_PARAMS, seed=2)
+    ae = recording_ae(PARITY_AE_PARAMS, seed=2)
     return ae, diffusers_ae(ae)
 
 

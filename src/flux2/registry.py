@@ -10,7 +10,7 @@ from flux2.model import Flux2Params, Klein4BParams, Klein9BParams
 
 # The tiny self-test model: random weights, runs every part through the same code, produces noise images.
 TINY_TEXT_HIDDEN = 32  # hidden size of flux2.tiny_text_encoders.tiny_qwen3
-TINY_AE_PARAMS = AutoEncoderParams(ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=4)
+TINY_AE_PARAMS = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4)  # 32: FLUX's GroupNorm
 TINY_PARAMS = Flux2Params(
     in_channels=4 * TINY_AE_PARAMS.z_channels,
     context_in_dim=3 * TINY_TEXT_HIDDEN,
@@ -73,6 +73,17 @@ class ModelInfo:
     @property
     def is_tiny(self) -> bool:
         return self.text_encoder.kind == "tiny"
+
+    def check_fixed(self, num_steps, guidance) -> None:
+        """A distilled model runs only at the settings it was distilled for; anything else is a clear error."""
+        given = {"num_steps": num_steps, "guidance": guidance}
+        fixed = {"num_steps": self.num_steps, "guidance": self.guidance}
+        for key in sorted(self.fixed_params):
+            if given[key] != fixed[key]:
+                raise ValueError(
+                    f"{self.name} is a distilled model: {key} is fixed at {fixed[key]} (got {given[key]}); "
+                    f"use a base model (e.g. flux.2-klein-base-4b) to change it"
+                )
 
 
 def _klein(name: str, repo: str, params: Flux2Params, text: TextEncoderInfo, env: str, **kw) -> ModelInfo:

@@ -13,7 +13,7 @@ import torch
 
 from flux2.autoencoder import AutoEncoder, AutoEncoderParams
 from flux2.checkpoints import load_strict, read_safetensors
-from flux2.checkpoints.autoencoder import ae_diffusers_to_original, is_diffusers_ae
+from flux2.checkpoints.autoencoder import ae_diffusers_to_original, ae_params_from_state_dict, is_diffusers_ae
 from flux2.checkpoints.transformer import (
     is_diffusers_transformer,
     params_from_state_dict,
@@ -102,15 +102,28 @@ def load_flow_model(
         path = find_transformer(info, resolve_weights_dir(weights_dir))
     log.info("Loading %s for the FLUX.2 weights", path)
     sd = read_transformer_state_dict(path, device)
+    params = params_from_state_dict(sd)
     if info is None:
-        params = params_from_state_dict(sd)
         log.info("architecture read from the tensor shapes matches %s", detect_model_name(params) or "no preset")
     else:
-        params = info.params
+        _warn_if_not_preset(path, info.name, "transformer", params, info.params)
     with torch.device("meta"):
         model = Flux2(params)
     model = load_strict(model, sd, "transformer").eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model
+
+
+def _warn_if_not_preset(path, name: str, part: str, found, preset) -> None:
+    """The architecture is read from the checkpoint, so any size loads; a surprise is still worth a word."""
+    if found != preset:
+        log.warning(
+            "the %s at %s does not have the %s preset's architecture; loading it as the checkpoint's shapes say "
+            "(%s). If this is not the file you meant, check its path.",
+            part,
+            path,
+            name,
+            found,
+        )
 
 
 def _random_flow_model(params: Flux2Params, device: torch.device, dtype: torch.dtype) -> Flux2:
@@ -147,8 +160,11 @@ def load_ae(
         path = find_ae(info, resolve_weights_dir(weights_dir))
     log.info("Loading %s for the AutoEncoder weights", path)
     sd = read_ae_state_dict(path, device)
+    if params is None:
+        params = ae_params_from_state_dict(sd)
+        _warn_if_not_preset(path, info.name, "autoencoder", params, info.ae_params)
     with torch.device("meta"):
-        ae = AutoEncoder(params or info.ae_params)
+        ae = AutoEncoder(params)
     ae = load_strict(ae, sd, "autoencoder").eval()
     return ae.to(device=device, dtype=dtype or torch.float32)
 

@@ -139,3 +139,30 @@ def diffusers_ae_config(params: AutoEncoderParams) -> dict:
         latent_channels=params.z_channels,
         norm_num_groups=params.norm_groups,
     )
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    """How many numbered children `prefix.N.` the state dict holds."""
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    indices = {int(m.group(1)) for key in sd if (m := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def ae_params_from_state_dict(sd: Mapping[str, Tensor]) -> AutoEncoderParams:
+    """Architecture of an original-layout autoencoder state dict, read from its tensor shapes.
+
+    GroupNorm's group count is not in the weights: it is FLUX's 32, which every channel count here must divide.
+    """
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
+        raise ValueError("not a FLUX.2 autoencoder checkpoint: missing encoder.conv_in / decoder.conv_in")
+    ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
+    levels = _count(sd, "encoder.down")
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    return AutoEncoderParams(
+        in_channels=in_channels,
+        ch=ch,
+        out_ch=sd["decoder.conv_out.weight"].shape[0],
+        ch_mult=ch_mult,
+        num_res_blocks=_count(sd, "encoder.down.0.block"),
+        z_channels=sd["decoder.conv_in.weight"].shape[1],
+    )
