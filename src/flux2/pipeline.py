@@ -60,9 +60,10 @@ class GenerationCancelled(Exception):
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "upsample" | "encode_text" | "encode_references" | "denoise" | "decode"
+    stage: str  # "load" | "upsample" | "encode_text" | "encode_references" | "denoise" | "decode"
     step: int  # steps done in this stage
     total: int
+    detail: str = ""  # what the step is about, e.g. the component being loaded
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ class Flux2Pipeline:
     Components may be passed in already built (tests, custom weights); otherwise they are loaded by name.
     With `cpu_offload`, models stay on the CPU and visit the device only while they run. `upsampler` rewrites
     prompts (never failing a generation), `safety` screens the prompt, the references and the outputs, and
-    `watermark` (on by default; None turns it off) marks every output.
+    `watermark` (on by default; None turns it off) marks every output. `progress` hears of each component
+    loaded (stage "load").
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class Flux2Pipeline:
         upsampler: PromptUpsampler | None = None,
         safety: SafetyPolicy | str | None = None,
         watermark: WatermarkConfig | None = DEFAULT_WATERMARK,
+        progress: ProgressCallback | None = None,
     ):
         self.upsampler = upsampler
         self.watermark = watermark
@@ -156,18 +159,29 @@ class Flux2Pipeline:
         if self.info.is_tiny:
             log.warning("model 'tiny' has random weights: it is a self-test and produces noise images")
         paths = self._locate(weights_dir, flow_model, ae, text_encoder)
-        name = self.info.name
-        if text_encoder is None:
-            text_encoder = load_text_encoder(
-                name, home, path=paths.text_encoder, tokenizer_path=paths.tokenizer, dtype=self.dtype
-            )
-        if flow_model is None:
-            flow_model = load_flow_model(name, device=home, path=paths.transformer, dtype=self.dtype)
-        if ae is None:
-            ae = load_ae(name, home, path=paths.ae)
-        self.text_encoder, self.flow_model, self.ae = text_encoder, flow_model, ae
+        given = {"text encoder": text_encoder, "transformer": flow_model, "autoencoder": ae}
+        self.text_encoder, self.flow_model, self.ae = self._load_missing(given, paths, home, progress).values()
         self._check_components()
         self.safety = self._safety_policy(safety)
+
+    def _load_missing(self, parts: dict, paths: WeightPaths, home: torch.device, progress) -> dict:
+        """Load every part not given, in the reference's order, reporting each one to `progress`."""
+        name, dtype = self.info.name, self.dtype
+        loaders = {
+            "text encoder": lambda: load_text_encoder(
+                name, home, path=paths.text_encoder, tokenizer_path=paths.tokenizer, dtype=dtype
+            ),
+            "transformer": lambda: load_flow_model(name, device=home, path=paths.transformer, dtype=dtype),
+            "autoencoder": lambda: load_ae(name, home, path=paths.ae),
+        }
+        report = _Reporter(progress, cancel=None)
+        missing = [part for part, module in parts.items() if module is None]
+        for i, part in enumerate(missing):
+            report(Progress("load", i, len(missing), part))
+            parts[part] = loaders[part]()
+        if missing:
+            report(Progress("load", len(missing), len(missing)))
+        return parts
 
     def _safety_policy(self, safety: SafetyPolicy | str | None) -> SafetyPolicy:
         """A mode name gets the reference's checkers; on [dev] the loaded Mistral encoder doubles as the
@@ -283,25 +297,17 @@ class Flux2Pipeline:
         reference_images,
         match_image_size,
     ) -> _Request:
-        info = self.info
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         references = [_open_image(img, i) for i, img in enumerate(reference_images)]
         width, height = self._size(width, height, references, match_image_size)
-        num_steps = info.num_steps if num_steps is None else num_steps
-        guidance = info.guidance if guidance is None else guidance
-        _check_fixed(info, num_steps, guidance)
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        negative_prompt = negative_prompt or None  # "" is the default negative, not a request
-        if negative_prompt is not None and not info.uses_cfg:
-            raise ValueError(f"{info.name} does not use a negative prompt (only the klein base models run CFG)")
+        num_steps = self.info.num_steps if num_steps is None else num_steps
+        guidance = self.info.guidance if guidance is None else guidance
+        check_settings(self.info, width=width, height=height, num_steps=num_steps, guidance=guidance, seed=seed,
+                       num_images=num_images, negative_prompt=negative_prompt)  # fmt: skip
         seed = random.randrange(2**31) if seed is None else seed
-        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_images:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_images}], got {seed!r}")
         seeds = [seed + i for i in range(num_images)]
+        negative_prompt = negative_prompt or None  # "" is the default negative, not a request
         return _Request(prompt, width, height, num_steps, float(guidance), seeds, negative_prompt, references)
 
     def _size(self, width, height, references, match_image_size) -> tuple[int, int]:
@@ -314,12 +320,7 @@ class Flux2Pipeline:
                 )
             w, h = references[match_image_size].size
             return w // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN, h // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
-        width = self.info.width if width is None else width
-        height = self.info.height if height is None else height
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
-                raise ValueError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} px, got {value!r}")
-        return width, height
+        return self.info.width if width is None else width, self.info.height if height is None else height
 
     # ------------------------------------------------------------------ stages
 
@@ -458,15 +459,34 @@ class _Reporter:
             self.callback(progress)
 
 
-def _check_fixed(info: ModelInfo, num_steps, guidance) -> None:
-    fixed = {"num_steps": (num_steps, info.num_steps), "guidance": (guidance, info.guidance)}
-    for key in sorted(info.fixed_params):
-        given, allowed = fixed[key]
-        if given != allowed:
-            raise ValueError(
-                f"{info.name} is a distilled model: {key} is fixed at {allowed} (got {given}); "
-                f"use a base model (e.g. flux.2-klein-base-4b) to change it"
-            )
+def check_settings(
+    info: ModelInfo,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    negative_prompt: str | None = None,
+) -> None:
+    """Check generation settings against a model before anything runs (None: the model's default).
+
+    The CLI calls this before loading weights, so a typo costs nothing; `generate` calls it on every request.
+    """
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and (not isinstance(value, int) or value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN):
+            raise ValueError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} px, got {value!r}")
+    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    num_steps = info.num_steps if num_steps is None else num_steps
+    info.check_fixed(num_steps, info.guidance if guidance is None else guidance)
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    if negative_prompt and not info.uses_cfg:
+        raise ValueError(f"{info.name} does not use a negative prompt (only the klein base models run CFG)")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_images):
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_images}], got {seed!r}")
 
 
 def _open_image(img: ImageInput, index: int) -> Image.Image:

@@ -5,6 +5,7 @@ from tqdm.auto import tqdm
 from flux2.pipeline import Progress
 
 STAGE_LABELS = {
+    "load": "loading weights",
     "upsample": "upsampling prompt",
     "encode_text": "encoding prompt",
     "encode_references": "encoding references",
@@ -14,7 +15,7 @@ STAGE_LABELS = {
 
 
 class TerminalProgress:
-    """One bar per stage; denoising shows steps, elapsed time and it/s."""
+    """One bar per stage (on stderr); each shows steps, elapsed time and rate, loading names the component."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -36,10 +37,12 @@ class TerminalProgress:
             self.bar = tqdm(
                 total=event.total,
                 desc=STAGE_LABELS.get(event.stage, event.stage),
-                unit="step",
+                unit="part" if event.stage == "load" else "step",
                 leave=event.stage == "denoise",
             )
         self.bar.update(event.step - self.bar.n)
+        if event.detail:
+            self.bar.set_postfix_str(event.detail)
 
     def _close(self) -> None:
         if self.bar is not None:
