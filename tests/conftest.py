@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,3 +13,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def klein_weights(tmp_path_factory):
+    """flux.2-klein-4b weights (tiny random ones) in the studio layout and in a diffusers repo layout."""
+    from tiny_checkpoints import write_diffusers_layout, write_studio_layout
+
+    root = tmp_path_factory.mktemp("weights")
+    return write_studio_layout(root / "studio"), write_diffusers_layout(root / "FLUX.2-klein-4B")
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """The environment of a user with no weights, no Hub access and none of our variables set."""
+    ours = ("FLUX2_", "KLEIN_", "AE_MODEL_PATH", "QWEN3_", "MISTRAL_", "OPENROUTER_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ours)}
+    isolated = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HOME": str(tmp_path)}
+    return {**env, **isolated, "OMP_NUM_THREADS": "1"}  # tiny models run faster on one thread

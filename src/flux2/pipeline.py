@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flux2 import __version__
-from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
+from flux2.registry import DEFAULT_MODEL, ModelInfo, check_settings, model_info
 from flux2.safety import ContentFlagged, IntegrityChecker, SafetyPolicy, SafetyVerdict
 from flux2.sampling import (
     PIXELS_PER_TOKEN,
@@ -43,7 +43,6 @@ from flux2.weights import WeightPaths, find_weights
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
 DEFAULT_WATERMARK = WatermarkConfig()  # the reference's message; the robust method (see flux2.watermark)
 
 
@@ -457,36 +456,6 @@ class _Reporter:
             raise GenerationCancelled(f"cancelled during {progress.stage}")
         if self.callback is not None:
             self.callback(progress)
-
-
-def check_settings(
-    info: ModelInfo,
-    *,
-    width: int | None = None,
-    height: int | None = None,
-    num_steps: int | None = None,
-    guidance: float | None = None,
-    seed: int | None = None,
-    num_images: int = 1,
-    negative_prompt: str | None = None,
-) -> None:
-    """Check generation settings against a model before anything runs (None: the model's default).
-
-    The CLI calls this before loading weights, so a typo costs nothing; `generate` calls it on every request.
-    """
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and (not isinstance(value, int) or value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN):
-            raise ValueError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} px, got {value!r}")
-    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    num_steps = info.num_steps if num_steps is None else num_steps
-    info.check_fixed(num_steps, info.guidance if guidance is None else guidance)
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    if negative_prompt and not info.uses_cfg:
-        raise ValueError(f"{info.name} does not use a negative prompt (only the klein base models run CFG)")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_images):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_images}], got {seed!r}")
 
 
 def _open_image(img: ImageInput, index: int) -> Image.Image:

@@ -1,8 +1,11 @@
 """Terminal progress bars (tqdm) fed by the pipeline's progress events."""
 
+from typing import TYPE_CHECKING
+
 from tqdm.auto import tqdm
 
-from flux2.pipeline import Progress
+if TYPE_CHECKING:
+    from flux2.pipeline import Progress
 
 STAGE_LABELS = {
     "load": "loading weights",
@@ -28,7 +31,7 @@ class TerminalProgress:
     def __exit__(self, *exc) -> None:
         self._close()
 
-    def __call__(self, event: Progress) -> None:
+    def __call__(self, event: "Progress") -> None:
         if not self.enabled:
             return
         if event.stage != self.stage or event.step == 0:

@@ -115,15 +115,16 @@ def load_flow_model(
 
 def _warn_if_not_preset(path, name: str, part: str, found, preset) -> None:
     """The architecture is read from the checkpoint, so any size loads; a surprise is still worth a word."""
-    if found != preset:
+    differences = [
+        f"{key} {value} (preset {preset_value})"
+        for (key, value), preset_value in zip(asdict(found).items(), asdict(preset).values(), strict=True)
+        if value != preset_value
+    ]
+    if differences:
         log.warning(
-            "the %s at %s does not have the %s preset's architecture; loading it as the checkpoint's shapes say "
-            "(%s). If this is not the file you meant, check its path.",
-            part,
-            path,
-            name,
-            found,
-        )
+            "the %s at %s is not the %s architecture (%s): loading it as its shapes say; if this is not the file "
+            "you meant, check its path", part, path, name, ", ".join(differences)
+        )  # fmt: skip
 
 
 def _random_flow_model(params: Flux2Params, device: torch.device, dtype: torch.dtype) -> Flux2:

@@ -1,0 +1,89 @@
+"""Options shared by the subcommands, and the pipeline they describe."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from flux2.registry import DEFAULT_MODEL, model_info
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+MODEL_ENV = "FLUX2_MODEL"
+
+
+def add_model_options(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """Which model, and where and how it runs."""
+    if model:
+        p.add_argument(
+            "--model",
+            default=os.environ.get(MODEL_ENV),
+            help=f"registry name (default: ${MODEL_ENV} or {DEFAULT_MODEL}); 'tiny' runs offline",
+        )
+    p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: CUDA, then MPS, then CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16; fp32 on CPU-only tiny)")
+    p.add_argument("--weights-dir", type=Path, help="folder holding the weights (default: $FLUX2_WEIGHTS_DIR)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until they run")
+
+
+def add_feature_options(p: argparse.ArgumentParser) -> None:
+    """Prompt upsampling, safety screening and the watermark."""
+    p.add_argument("--upsample", choices=["none", "local", "openrouter"], default="none", help="prompt upsampling")
+    p.add_argument("--upsample-model", help="local: model folder or Hub id; openrouter: the API's model name")
+    p.add_argument("--upsample-url", help="openrouter: an OpenAI-compatible base URL (key: $OPENROUTER_API_KEY)")
+    p.add_argument(
+        "--safety",
+        choices=["off", "classifier", "full"],
+        default="off",
+        help="screen prompt, references and outputs (full adds the chat-model check)",
+    )
+    p.add_argument("--nsfw-model", help="image classifier folder or Hub id (default: Falconsai/nsfw_image_detection)")
+    p.add_argument("--nsfw-threshold", type=float, help="flag when the nsfw score is above this (default: 0.85)")
+    p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The registry name asked for; an unknown name fails here, before anything loads."""
+    return model_info(args.model or DEFAULT_MODEL).name
+
+
+def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_model=None):
+    """Load the model's pipeline as the options say, reporting each component to `progress`."""
+    import torch
+
+    from flux2.pipeline import DEFAULT_WATERMARK, Flux2Pipeline
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    pipe = Flux2Pipeline(
+        name, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload,
+        safety=_safety(args), watermark=None if args.no_watermark else DEFAULT_WATERMARK, flow_model=flow_model,
+        progress=progress,
+    )  # fmt: skip
+    if pipe.device.type == "cpu" and not pipe.info.is_tiny:
+        print("note: no GPU found, running on the CPU: expect minutes per image", file=sys.stderr)
+    pipe.upsampler = make_upsampler(args, pipe, args.upsample)
+    return pipe
+
+
+def make_upsampler(args: argparse.Namespace, pipe, mode: str, model: str | None = None, **options):
+    """The upsampler for `mode`; on [dev] the loaded Mistral encoder does local upsampling, as in the reference."""
+    from flux2.text_encoder import Mistral3SmallEmbedder
+    from flux2.upsampling import make_upsampler
+
+    model = model or args.upsample_model
+    encoder = pipe.text_encoder
+    if mode == "local" and model is None and isinstance(encoder, Mistral3SmallEmbedder):
+        return make_upsampler(mode, model=encoder.model, processor=encoder.processor, device=pipe.device)
+    if model:
+        options["model"] = model
+    if mode == "openrouter" and args.upsample_url:
+        options["base_url"] = args.upsample_url
+    return make_upsampler(mode, **options)
+
+
+def _safety(args: argparse.Namespace):
+    from flux2.safety import SafetyPolicy
+
+    options = {"classifier_model": args.nsfw_model} if args.nsfw_model else {}
+    if args.nsfw_threshold is not None:
+        options["threshold"] = args.nsfw_threshold
+    return SafetyPolicy.from_settings(args.safety, **options) if options else args.safety

@@ -1,0 +1,309 @@
+"""`flux2 repl`: the reference's interactive session, with its settings, commands and messages.
+
+Type a prompt to set it, `key=value` to change settings, an empty line to generate. Models stay loaded
+between runs; Ctrl-C cancels a run and comes back here.
+"""
+
+import argparse
+import getpass
+import os
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+from flux2.cli.config import Config, format_config, parse_key_values, updated, validate
+from flux2.cli.options import add_feature_options, add_model_options, make_upsampler, open_pipeline
+from flux2.cli.output import FORMATS, output_target
+from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO, model_info
+
+COMMANDS = {"run", "show", "reset", "quit", "q", "exit", "help", "h", "?"}
+HISTORY_FILE = Path("~/.flux2_history")
+HELP = """\
+Type a prompt to set it; an empty line (or `run`) generates an image.
+Change settings with key=value, several per line:  seed=42 width=1024 height=768
+  prompt, negative_prompt   text; quote it when it has spaces and `=`: prompt="a=b"
+  seed                      an integer, or none for a new random seed each run (always printed)
+  width, height             multiples of 16
+  num_steps, guidance       fixed on the distilled models
+  input_images              a.png,b.png  or  "a.png b.png";  [] clears
+  match_image_size          the index of the input image whose size to use, or none
+  upsample_prompt_mode      none, local or openrouter;  openrouter_model=NAME
+Commands: run, show, reset (the defaults), help (h, ?), quit (q, exit).
+Ctrl-C cancels a run; the model stays loaded.
+"""
+REPL_EXAMPLES = """examples:
+  flux2 repl --model flux.2-klein-4b
+  flux2 repl --model flux.2-klein-base-4b seed=7 width=1024 height=1024
+  flux2 repl --model tiny --single-eval --prompt "a red fox"
+"""
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "repl", help="interactive session (the default at a terminal)", description=__doc__,
+        epilog=REPL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="starting settings, e.g. seed=7 width=1024")
+    p.add_argument("--prompt", help="the starting prompt")
+    p.add_argument("--single-eval", action="store_true", help="generate once with the settings, then exit")
+    p.add_argument("--debug-mode", action="store_true", help="a one-block transformer with random weights")
+    add_model_options(p)
+    add_feature_options(p)
+    p.add_argument("-o", "--output", type=Path, help="folder for the images (default: output/)")
+    p.add_argument("--format", choices=sorted(FORMATS), help="image format (default: png)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    name = args.model or choose_model()
+    if name is None:
+        print("bye!")
+        return 0
+    info = model_info(name)
+    config = starting_config(args, info)
+    target = output_target(args.output, args.format)
+    print(format_config(config))
+    from flux2.progress import TerminalProgress
+
+    with TerminalProgress() as progress:
+        flow_model = _debug_model(info.name) if args.debug_mode else None
+        pipe = open_pipeline(args, info.name, progress=progress, flow_model=flow_model)
+    session = Session(pipe, config, target, args)
+    if args.single_eval:
+        return 0 if session.generate() else 1
+    return session.loop()
+
+
+def choose_model() -> str | None:
+    """The reference's menu: blank for the first entry, a number, or a name; None on EOF or Ctrl-C."""
+    names = list(FLUX2_MODEL_INFO)
+    print("Available models:")
+    for i, name in enumerate(names, 1):
+        print(f"  {i}. {name:22} {FLUX2_MODEL_INFO[name].description}")
+    while True:
+        try:
+            answer = input(f"Select a model [default: {DEFAULT_MODEL}]: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        if not answer:
+            return DEFAULT_MODEL
+        if answer.isdigit() and 1 <= int(answer) <= len(names):
+            return names[int(answer) - 1]
+        if answer.lower() in FLUX2_MODEL_INFO:
+            return answer.lower()
+        print(f"! unknown model {answer!r}: type a number from 1 to {len(names)} or a name")
+
+
+def starting_config(args: argparse.Namespace, info) -> Config:
+    """The reference's startup order: defaults, the model's steps and guidance, the settings, the prompt."""
+    overrides = parse_key_values(" ".join(shlex.quote(s) for s in args.settings))
+    if bare := [key for key, value in overrides.items() if value is True]:
+        raise ValueError(f"starting settings must be key=value, got {' '.join(bare)}")
+    if args.upsample != "none":
+        overrides.setdefault("upsample_prompt_mode", args.upsample)
+    if args.prompt is not None:
+        overrides["prompt"] = args.prompt
+    return updated(Config.for_model(info), overrides, info)
+
+
+def _debug_model(name: str):
+    from flux2.util import load_flow_model
+
+    return load_flow_model(name, debug_mode=True, device="cpu")
+
+
+class Session:
+    """The loop around one loaded pipeline: settings in, images out, the pipeline kept between runs."""
+
+    def __init__(self, pipe, config: Config, target, args: argparse.Namespace):
+        self.pipe, self.config, self.target, self.args = pipe, config, target, args
+        self.upsamplers: dict[tuple[str, str], object] = {}
+
+    def loop(self) -> int:
+        enable_line_editing()
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print("\n(quit to leave)")
+                continue
+            if self.handle(line.strip()) == "quit":
+                break
+        print("bye!")
+        return 0
+
+    def handle(self, line: str) -> str | None:
+        if not line:
+            self.generate()
+        elif line in COMMANDS:
+            return self.command(line)
+        elif "=" not in line:  # a line that is not a setting or a command is the new prompt
+            self.update({"prompt": line})
+        else:
+            return self.settings_line(line)
+        return None
+
+    def settings_line(self, line: str) -> str | None:
+        try:
+            parsed = parse_key_values(line)
+        except ValueError as err:
+            print(f"! {err}")
+            return None
+        updates = {key: value for key, value in parsed.items() if value is not True}
+        if updates:
+            self.update(updates)
+        for word in [key for key, value in parsed.items() if value is True]:
+            if word not in COMMANDS:
+                print(f"! Unknown command: {word}")
+            elif self.command(word) == "quit":
+                return "quit"
+        return None
+
+    def command(self, word: str) -> str | None:
+        if word in ("quit", "q", "exit"):
+            return "quit"
+        if word == "run":
+            self.generate()
+        elif word == "show":
+            print(format_config(self.config))
+        elif word == "reset":
+            self.config = Config.for_model(self.pipe.info)
+            print(format_config(self.config))
+        else:
+            print(HELP)
+        return None
+
+    def update(self, updates: dict) -> None:
+        """Screen new content, check the new settings against the model, then commit (never runs)."""
+        updates = self.screened(updates)
+        try:
+            self.config = updated(self.config, updates, self.pipe.info)
+        except ValueError as err:
+            print(f"ERROR: {err}\nThe settings are unchanged.", file=sys.stderr)
+            return
+        if updates:  # the settings that changed; `show` prints them all
+            print(format_config(self.config, tuple(updates)))
+
+    def screened(self, updates: dict) -> dict:
+        """The reference's moderation of a new prompt and new input images (when safety is on)."""
+        from flux2.sampling import open_image
+
+        safety = self.pipe.safety
+        if safety.mode == "off":
+            return updates
+        updates = dict(updates)
+        if "prompt" in updates and safety.check_prompt(updates["prompt"]) is not None:
+            print("Your prompt has been flagged for potential copyright or public personas concerns. "
+                  "Please choose another.")  # fmt: skip
+            del updates["prompt"]
+        for path in updates.get("input_images", ()):
+            if safety.check_reference(open_image(path, "input image")) is not None:
+                print(f"The image {path} has been flagged as unsuitable. Please choose another.")
+                del updates["input_images"]
+                break
+        return updates
+
+    def generate(self) -> bool:
+        """One run with the current settings; any failure is reported and the model stays loaded."""
+        try:
+            validate(self.config, self.pipe.info)
+            self._generate()
+            return True
+        except KeyboardInterrupt:
+            print("\nstopped; the model is still loaded", file=sys.stderr)
+        except Exception as err:
+            if self.args.verbose:
+                traceback.print_exc()
+            print(f"ERROR: {type(err).__name__}: {err}", file=sys.stderr)
+            print("The model is still loaded. Please fix the error and try again.", file=sys.stderr)
+        return False
+
+    def _generate(self) -> None:
+        from flux2.cli.run import generate_and_save
+
+        cfg = self.config
+        images = list(cfg.input_images)
+        size = {"width": cfg.width, "height": cfg.height}
+        match = cfg.match_image_size
+        if match is not None and match >= len(images):
+            print(f"! match_image_size={match} but there are {len(images)} input images: using width and height")
+            match = None
+        if match is not None:
+            size = {}
+        self.pipe.upsampler = self.upsampler()
+        print(f"Generating with prompt: {cfg.prompt}")
+        result = generate_and_save(
+            self.pipe, self.target, sidecar=False, show_progress=True, prompt=cfg.prompt, seed=cfg.seed,
+            num_steps=cfg.num_steps, guidance=cfg.guidance, reference_images=images, match_image_size=match,
+            negative_prompt=cfg.negative_prompt or None, **size,
+        )  # fmt: skip
+        for path, out in zip(result.paths, result.outputs, strict=True):
+            record = out.record
+            if record.upsampled_prompt:
+                print(f"Upsampled prompt: {record.upsampled_prompt}")
+            elif record.upsampling_error:
+                print(f"! upsampling failed, used the prompt as given: {record.upsampling_error}")
+            if out.flagged is not None:
+                print("Your output has been flagged. Please choose another prompt / input image combination")
+            else:
+                print(f"Saved {path} (seed {record.seed})")
+        if result.cancelled:
+            print("Cancelled; the model is still loaded.")
+
+    def upsampler(self):
+        """The upsampler for the current mode, made once per (mode, model); OpenRouter asks for a missing key."""
+        from flux2.upsampling import OPENROUTER_API_KEY_ENV
+
+        mode, model = self.config.upsample_prompt_mode, self.config.openrouter_model
+        if mode == "none":
+            return None
+        key = (mode, model if mode == "openrouter" else "")
+        if key not in self.upsamplers:
+            options = {}
+            if mode == "openrouter":
+                api_key = os.environ.get(OPENROUTER_API_KEY_ENV) or ask_api_key()
+                if not api_key:
+                    print("No API key: prompt upsampling is off.")
+                    self.config = Config(**{**self.config.__dict__, "upsample_prompt_mode": "none"})
+                    return None
+                options = {"api_key": api_key, "model": model}
+            self.upsamplers[key] = make_upsampler(self.args, self.pipe, mode, **options)
+        return self.upsamplers[key]
+
+
+def ask_api_key() -> str:
+    from flux2.upsampling import OPENROUTER_API_KEY_ENV
+
+    try:
+        return getpass.getpass(f"{OPENROUTER_API_KEY_ENV} is not set. OpenRouter API key (blank: no upsampling): ")
+    except (EOFError, KeyboardInterrupt):
+        return ""
+
+
+def enable_line_editing() -> None:
+    """Arrow keys, editing and a history kept across sessions, where readline exists and a person types."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import atexit
+        import readline
+    except ImportError:  # Windows without pyreadline
+        return
+    history = HISTORY_FILE.expanduser()
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    atexit.register(_save_history, readline, history)
+
+
+def _save_history(readline, history: Path) -> None:
+    try:
+        readline.write_history_file(history)
+    except OSError:
+        pass

@@ -1,0 +1,57 @@
+"""One generation run from the command line: progress bars, Ctrl-C cancels the run, images saved as they come."""
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux2.cli.output import save_image
+from flux2.pipeline import Flux2Pipeline, GeneratedImage, GenerationCancelled
+from flux2.progress import TerminalProgress
+
+
+@dataclass
+class RunResult:
+    outputs: list[GeneratedImage]
+    paths: list[Path | None]  # None for an output the safety policy withheld
+    cancelled: bool = False
+
+
+@contextmanager
+def cancel_on_interrupt() -> Iterator[threading.Event]:
+    """The first Ctrl-C asks the run to stop after the current step; a second one stops at once."""
+    cancel = threading.Event()
+
+    def on_interrupt(signum, frame) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("\ncancelling after the current step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def generate_and_save(
+    pipe: Flux2Pipeline, target: tuple[Path, str | None, str], *, sidecar: bool, show_progress: bool, **request
+) -> RunResult:
+    """Run `pipe.generate(**request)` and save every image it returns, including those finished before a
+    cancellation."""
+    cancelled = False
+    with cancel_on_interrupt() as cancel, TerminalProgress(enabled=show_progress) as progress:
+        try:
+            outputs = pipe.generate(**request, callback=progress, cancel=cancel)
+        except GenerationCancelled as stopped:
+            outputs, cancelled = stopped.completed, True
+    paths = [None if out.image is None else save_image(out.image, out.record.to_dict(), target, sidecar)
+             for out in outputs]  # fmt: skip
+    return RunResult(outputs, paths, cancelled)
