@@ -6,8 +6,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import serving
 
 
 @dataclass
@@ -74,16 +76,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 @contextmanager
 def running_chat_server() -> Iterator[ChatServer]:
     """A real HTTP server on 127.0.0.1 (free port) speaking the chat-completions format, stopped on exit."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
-    httpd.daemon_threads = True
-    httpd.block_on_close = False  # do not wait for a handler still sleeping out a timeout test
-    httpd.chat = ChatServer()
-    httpd.chat.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with serving(ChatHandler) as httpd:
+        httpd.chat = ChatServer()
+        httpd.chat.base_url = f"{httpd.url}/api/v1"
         yield httpd.chat
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()

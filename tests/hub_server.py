@@ -11,13 +11,14 @@ Errors carry the X-Error-Code header huggingface_hub turns into its exceptions (
 import hashlib
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from loopback import serving
 
 API_PATH = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(/(?P<kind>revision|tree)/(?P<revision>[^/]+))?")
 RESOLVE_PATH = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)")
@@ -137,15 +138,6 @@ class HubHandler(BaseHTTPRequestHandler):
 @contextmanager
 def running_hub(repos: dict[str, Repo]) -> Iterator[FakeHub]:
     """A real HTTP server on 127.0.0.1 (free port) serving `repos`; set HF_ENDPOINT to its `endpoint`."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
-    httpd.daemon_threads = True
-    httpd.block_on_close = False  # a client's idle keep-alive connection must not hold up the test
-    httpd.hub = FakeHub(repos, endpoint=f"http://127.0.0.1:{httpd.server_address[1]}")
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with serving(HubHandler) as httpd:
+        httpd.hub = FakeHub(repos, endpoint=httpd.url)
         yield httpd.hub
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
