@@ -388,12 +388,24 @@ class Flux2(nn.Module):
         return vec
 
     def forward(
-        self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor, guidance: Tensor | None
+        self,
+        x: Tensor,
+        x_ids: Tensor,
+        timesteps: Tensor,
+        ctx: Tensor,
+        ctx_ids: Tensor,
+        guidance: Tensor | None,
+        *,
+        txt_extra: Tensor | None = None,
     ) -> Tensor:
-        """Velocity for x [B, L, 128] (target tokens, then any reference tokens) given text ctx [B, L_txt, C]."""
+        """Velocity for x [B, L, 128] (target tokens, then any reference tokens) given text ctx [B, L_txt, C].
+
+        `txt_extra` [B, n, hidden] are tokens already at the hidden size (IP-Adapter image tokens) appended to the
+        text stream after txt_in; ctx_ids then covers L_txt + n positions.
+        """
         vec = self.conditioning(timesteps, guidance)
         mods = self._modulations(vec)
-        return self._run(x, x_ids, ctx, ctx_ids, vec, mods, num_ref=0, cache=None, extract=False)
+        return self._run(x, x_ids, ctx, ctx_ids, vec, mods, num_ref=0, cache=None, extract=False, txt_extra=txt_extra)
 
     def forward_kv_extract(
         self,
@@ -406,10 +418,12 @@ class Flux2(nn.Module):
         x_seq_concat: Tensor,
         x_seq_concat_ids: Tensor,
         ref_fixed_timestep: float = 0.0,
+        *,
+        txt_extra: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
         """First KV step: reference tokens go before the target, use t=ref_fixed_timestep modulation, attend only
         to themselves, and leave their K/V in the returned cache."""
-        num_ref, num_img, num_txt = x_seq_concat.shape[1], x.shape[1], ctx.shape[1]
+        num_ref, num_img, num_txt = x_seq_concat.shape[1], x.shape[1], ctx_ids.shape[1]
         vec = self.conditioning(timesteps, guidance)
         ref_vec = self.conditioning(torch.full_like(timesteps, ref_fixed_timestep), guidance)
         img_d, txt_d, single = self._modulations(vec)
@@ -422,7 +436,8 @@ class Flux2(nn.Module):
         cache = self._empty_cache(num_ref)
         x = torch.cat([x_seq_concat, x], dim=1)
         x_ids = torch.cat([x_seq_concat_ids, x_ids], dim=1)
-        pred = self._run(x, x_ids, ctx, ctx_ids, vec, mods, num_ref=num_ref, cache=cache, extract=True)
+        pred = self._run(x, x_ids, ctx, ctx_ids, vec, mods, num_ref=num_ref, cache=cache, extract=True,
+                         txt_extra=txt_extra)  # fmt: skip
         return pred, cache
 
     def forward_kv_cached(
@@ -434,11 +449,14 @@ class Flux2(nn.Module):
         ctx_ids: Tensor,
         guidance: Tensor | None,
         kv_cache: KVCache,
+        *,
+        txt_extra: Tensor | None = None,
     ) -> Tensor:
         """Later KV steps: a forward over [txt, img] whose attention also sees the cached reference K/V."""
         vec = self.conditioning(timesteps, guidance)
         mods = self._modulations(vec)
-        return self._run(x, x_ids, ctx, ctx_ids, vec, mods, num_ref=0, cache=kv_cache, extract=False)
+        return self._run(x, x_ids, ctx, ctx_ids, vec, mods, num_ref=0, cache=kv_cache, extract=False,
+                         txt_extra=txt_extra)  # fmt: skip
 
     def _modulations(self, vec: Tensor) -> tuple[list[ModTriple], list[ModTriple], list[ModTriple]]:
         return (
@@ -465,11 +483,14 @@ class Flux2(nn.Module):
         num_ref: int,
         cache: KVCache | None,
         extract: bool,
+        txt_extra: Tensor | None = None,
     ) -> Tensor:
-        """x is [img] or, when extracting, [ref, img]; the joint sequence is [txt, x]."""
+        """x is [img] or, when extracting, [ref, img]; the joint sequence is [txt, txt_extra, x]."""
         mod_img, mod_txt, mod_single = mods
-        num_txt = ctx.shape[1]
         img, txt = self.img_in(x), self.txt_in(ctx)
+        if txt_extra is not None:
+            txt = torch.cat([txt, txt_extra.to(txt.dtype)], dim=1)
+        num_txt = txt.shape[1]
         pe = self.pe_embedder(torch.cat([ctx_ids, x_ids], dim=1))
         double_refs, single_refs = self._ref_attention(cache, extract, num_txt, num_ref)
         for block, ref in zip(self.double_blocks, double_refs, strict=True):

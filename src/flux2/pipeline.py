@@ -8,22 +8,37 @@ print(out.record.seed)
 
 import hashlib
 import logging
+import math
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from flux2 import __version__
+from flux2.editing import (
+    WORK_PIXELS,
+    Box,
+    binary_mask,
+    check_strength,
+    composite,
+    feathered,
+    latent_mask,
+    mask_box,
+    outpaint_canvas,
+    working_size,
+)
 from flux2.registry import DEFAULT_MODEL, ModelInfo, check_settings, model_info
 from flux2.safety import ContentFlagged, IntegrityChecker, SafetyPolicy, SafetyVerdict
 from flux2.sampling import (
     PIXELS_PER_TOKEN,
+    REF_TIME_SCALE,
     batched_prc_img,
     batched_prc_txt,
     denoise,
@@ -31,15 +46,21 @@ from flux2.sampling import (
     denoise_cfg,
     encode_image_refs,
     get_schedule,
+    image_to_tensor,
+    noised,
     open_image,
     scatter_ids,
     tensor_to_image,
+    truncated_schedule,
 )
 from flux2.text_encoder import Mistral3SmallEmbedder
 from flux2.upsampling import PromptUpsampler, UpsampleResult
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
 from flux2.watermark import MIN_PIXELS, WatermarkConfig, embed
 from flux2.weights import WeightPaths, find_weights
+
+if TYPE_CHECKING:
+    from flux2.ip_adapter import IPAdapter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +102,11 @@ class GenerationRecord:
     upsampling_error: str | None = None  # why upsampling fell back to the prompt as given
     references: tuple[str, ...] = ()  # sha256 of each reference image's RGB pixels
     kv_cache: bool = False
+    mode: str = "generate"  # "generate" | "img2img" | "inpaint" | "outpaint"
+    strength: float | None = None  # how far back on the schedule an edit of a source image started
+    source: str | None = None  # sha256 of the source image's RGB pixels (img2img, inpaint, outpaint)
+    true_cfg_scale: float | None = None  # opt-in true CFG on a distilled model or [dev]
+    ip_adapter_scale: float | None = None
     watermark: str | None = None  # the invisible-watermark method embedded, if any
     safety: str = "off"  # the safety policy mode in force (see GeneratedImage.flagged for a withheld output)
     software: str = f"flux2 {__version__}"
@@ -110,6 +136,11 @@ class _Request:
     seeds: list[int] = field(hash=False)
     negative_prompt: str | None
     references: list[Image.Image] = field(hash=False)
+    cfg: float | None = None  # the true-CFG scale, when CFG runs (base models: guidance; others: opt-in)
+    cfg_mode: str = "auto"
+    ip_images: list[Image.Image] = field(default_factory=list, hash=False)
+    ip_scale: float = 1.0
+    source: "_Source | None" = None
     upsampled: UpsampleResult | None = None
 
     @property
@@ -118,8 +149,32 @@ class _Request:
         return self.upsampled.prompt if self.upsampled is not None else self.prompt
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where image-to-image and inpainting start, and how an inpainted region goes back into its source."""
+
+    mode: str  # "img2img" | "inpaint" | "outpaint"
+    image: Image.Image  # the source as given
+    work: Image.Image  # the region being edited, at the size the model runs at
+    strength: float
+    as_reference: bool = False  # the clean source also conditions the model (reference tokens, t = 10)
+    work_mask: Image.Image | None = None  # soft mask at the working size (inpainting), white = regenerate
+    mask: Image.Image | None = None  # soft mask at the source's size, for the pixel composite
+    region: Box | None = None  # the crop being edited, in source pixels (None: all of it)
+
+    def paste(self, generated: Image.Image) -> Image.Image:
+        """Inpainting: the generated region scaled back into the source, the kept pixels exactly the source's."""
+        if self.mask is None:
+            return generated
+        region = self.region or Box(0, 0, *self.image.size)
+        placed = self.image.convert("RGB")
+        placed.paste(generated.resize(region.size, Image.Resampling.LANCZOS), region.as_tuple()[:2])
+        return composite(placed, self.image, self.mask)
+
+
 ProgressCallback = Callable[[Progress], None]
 ImageInput = Image.Image | str | Path
+CFG_MODES = ("auto", "batched", "sequential")
 
 
 class Flux2Pipeline:
@@ -129,7 +184,7 @@ class Flux2Pipeline:
     With `cpu_offload`, models stay on the CPU and visit the device only while they run. `upsampler` rewrites
     prompts (never failing a generation), `safety` screens the prompt, the references and the outputs, and
     `watermark` (on by default; None turns it off) marks every output. `progress` hears of each component
-    loaded (stage "load").
+    loaded (stage "load"). `ip_adapter` (flux2.ip_adapter) adds image-prompt tokens to the text stream.
     """
 
     def __init__(
@@ -147,8 +202,10 @@ class Flux2Pipeline:
         safety: SafetyPolicy | str | None = None,
         watermark: WatermarkConfig | None = DEFAULT_WATERMARK,
         progress: ProgressCallback | None = None,
+        ip_adapter: "IPAdapter | None" = None,
     ):
         self.upsampler = upsampler
+        self.ip_adapter = ip_adapter
         self.watermark = watermark
         self.info: ModelInfo = model_info(model)
         self.device = torch.device(device) if device is not None else default_device()
@@ -233,30 +290,123 @@ class Flux2Pipeline:
         negative_prompt: str | None = None,
         reference_images: Sequence[ImageInput] = (),
         match_image_size: int | None = None,
+        true_cfg_scale: float | None = None,
+        cfg_mode: str = "auto",
+        ip_adapter_images: Sequence[ImageInput] = (),
+        ip_adapter_scale: float = 1.0,
         upsample: bool = True,
         callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> list[GeneratedImage]:
         """Text-to-image, or editing when reference images are given. Image i uses seed + i.
 
+        CFG: the klein base models always run it with `guidance` as the scale and `negative_prompt` (empty by
+        default); other models run it only when `true_cfg_scale` is given (twice the cost). `cfg_mode` "batched"
+        runs [uncond; cond] in one forward, "sequential" one after the other (less memory), "auto" batches and
+        falls back to sequential on running out of memory. `ip_adapter_images` need the pipeline's `ip_adapter`.
+
         Raises ContentFlagged when the safety policy flags the prompt or a reference image; a flagged output
         comes back without its image. `upsample=False` skips the pipeline's upsampler for this call.
         """
         request = self._request(
-            prompt,
-            width,
-            height,
-            num_steps,
-            guidance,
-            seed,
-            num_images,
-            negative_prompt,
-            reference_images,
-            match_image_size,
-        )
-        report = _Reporter(callback, cancel)
+            prompt, width=width, height=height, num_steps=num_steps, guidance=guidance, seed=seed,
+            num_images=num_images, negative_prompt=negative_prompt, reference_images=reference_images,
+            match_image_size=match_image_size, true_cfg_scale=true_cfg_scale, cfg_mode=cfg_mode,
+            ip_adapter_images=ip_adapter_images, ip_adapter_scale=ip_adapter_scale,
+        )  # fmt: skip
+        return self._generate(request, _Reporter(callback, cancel), upsample)
+
+    def edit(self, prompt: str, images: Sequence[ImageInput], **kwargs) -> list[GeneratedImage]:
+        """Multi-reference editing: `generate` with the images as references."""
+        if not images:
+            raise ValueError("edit needs at least one input image")
+        return self.generate(prompt, reference_images=images, **kwargs)
+
+    def img2img(
+        self, prompt: str, image: ImageInput, *, strength: float = 0.8, max_pixels: int = WORK_PIXELS, **kwargs
+    ) -> list[GeneratedImage]:
+        """Start from the source image noised to `strength` (1: pure noise; near 0: the source) and denoise.
+
+        The output has the source's size (floored to 16 px, scaled to at most `max_pixels`). Other keyword
+        arguments as for `generate` (not width, height or match_image_size).
+        """
+        source = _open_image(image, "source image")
+        work = source.resize(working_size(*source.size, max_pixels), Image.Resampling.LANCZOS)
+        return self._edit(prompt, _Source("img2img", source, work, check_strength(strength)), kwargs)
+
+    def inpaint(
+        self,
+        prompt: str,
+        image: ImageInput,
+        mask: ImageInput,
+        *,
+        strength: float = 1.0,
+        mask_blur: float = 8.0,
+        source_as_reference: bool = True,
+        crop_padding: int | None = None,
+        max_pixels: int = WORK_PIXELS,
+        **kwargs,
+    ) -> list[GeneratedImage]:
+        """Regenerate where the mask is white and keep the source exactly where it is black.
+
+        The source image is also a reference for the model (`source_as_reference`). `mask_blur` feathers the
+        mask's edge by that many pixels, in the latents and in the final composite. `crop_padding` edits only
+        the mask's bounding box grown by that many pixels (at up to `max_pixels`) and pastes it back: a small
+        edit in a large photo runs at a sensible size. `strength` < 1 starts the masked region from the noised
+        source. Other keyword arguments as for `generate` (extra `reference_images` follow the source).
+        """
+        source = _open_image(image, "source image")
+        hard = binary_mask(_open_mask(mask), source.size)
+        return self._inpaint("inpaint", prompt, source, hard, strength, mask_blur, source_as_reference,
+                             crop_padding, max_pixels, kwargs)  # fmt: skip
+
+    def outpaint(
+        self,
+        prompt: str,
+        image: ImageInput,
+        *,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        mask_blur: float = 8.0,
+        max_pixels: int = WORK_PIXELS,
+        **kwargs,
+    ) -> list[GeneratedImage]:
+        """Extend the canvas by the given pixels on each side and fill the new border by inpainting.
+
+        The new canvas must be a multiple of 16 px each way. Other keyword arguments as for `inpaint`.
+        """
+        canvas, mask = outpaint_canvas(_open_image(image, "source image"), left, right, top, bottom)
+        return self._inpaint("outpaint", prompt, canvas, mask, kwargs.pop("strength", 1.0), mask_blur,
+                             kwargs.pop("source_as_reference", True), None, max_pixels, kwargs)  # fmt: skip
+
+    def _inpaint(self, mode, prompt, source, hard, strength, mask_blur, as_reference, crop_padding, max_pixels,
+                 kwargs) -> list[GeneratedImage]:  # fmt: skip
+        soft = feathered(hard, mask_blur)
+        region = None
+        if crop_padding is not None:  # the box holds the whole feathered edge
+            region = mask_box(hard, crop_padding + math.ceil(2 * mask_blur))
+        box = region or Box(0, 0, *source.size)
+        work_size = working_size(*box.size, max_pixels)
+        work = source.crop(box.as_tuple()).resize(work_size, Image.Resampling.LANCZOS)
+        scale = work_size[0] / box.size[0]
+        work_mask = feathered(hard.crop(box.as_tuple()).resize(work_size, Image.Resampling.NEAREST), mask_blur * scale)
+        edit = _Source(mode, source, work, check_strength(strength), as_reference, work_mask, soft, region)
+        return self._edit(prompt, edit, kwargs)
+
+    def _edit(self, prompt: str, source: _Source, kwargs: dict) -> list[GeneratedImage]:
+        if given := sorted({"width", "height", "match_image_size"} & kwargs.keys()):
+            raise ValueError(f"{source.mode} takes its size from the source image: do not pass {', '.join(given)}")
+        upsample, callback, cancel = kwargs.pop("upsample", True), kwargs.pop("callback", None), kwargs.pop(
+            "cancel", None)  # fmt: skip
+        request = self._request(prompt, width=source.work.width, height=source.work.height, **kwargs)
+        request = replace(request, source=source)
+        return self._generate(request, _Reporter(callback, cancel), upsample)
+
+    def _generate(self, request: _Request, report: "_Reporter", upsample: bool) -> list[GeneratedImage]:
         self.safety.prepare()
-        self._screen(request.prompt, request.references)
+        self._screen(request.prompt, request.references + ([request.source.image] if request.source else []))
         if upsample and self.upsampler is not None:
             request = self._upsample(request, report)
             if request.text != request.prompt:  # the text the model will see, written by another model
@@ -265,49 +415,64 @@ class Flux2Pipeline:
         with torch.inference_mode():
             txt, txt_ids = self._encode_text(request, report)
             refs, ref_ids = self._encode_references(request, report)
+            start = self._encode_source(request)
+            ip_tokens = self._ip_tokens(request)
             # One image at a time: image i is exactly what a single run with seed + i gives.
             with self._resident(self.flow_model, self.ae):
                 for seed in request.seeds:
                     try:
-                        latents = self._denoise(request, seed, txt, txt_ids, refs, ref_ids, report)
+                        latents = self._denoise(request, seed, txt, txt_ids, refs, ref_ids, start, ip_tokens, report)
                         outputs.append(self._finish(self._decode(latents, report), request, seed))
                     except GenerationCancelled as cancelled:
                         raise GenerationCancelled(str(cancelled), completed=outputs) from None
         return outputs
 
-    def edit(self, prompt: str, images: Sequence[ImageInput], **kwargs) -> list[GeneratedImage]:
-        """Multi-reference editing: `generate` with the images as references."""
-        if not images:
-            raise ValueError("edit needs at least one input image")
-        return self.generate(prompt, reference_images=images, **kwargs)
-
     # ------------------------------------------------------------------ validation
 
     def _request(
         self,
-        prompt,
-        width,
-        height,
-        num_steps,
-        guidance,
-        seed,
-        num_images,
-        negative_prompt,
-        reference_images,
-        match_image_size,
+        prompt: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        negative_prompt: str | None = None,
+        reference_images: Sequence[ImageInput] = (),
+        match_image_size: int | None = None,
+        true_cfg_scale: float | None = None,
+        cfg_mode: str = "auto",
+        ip_adapter_images: Sequence[ImageInput] = (),
+        ip_adapter_scale: float = 1.0,
     ) -> _Request:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        references = [_open_image(img, i) for i, img in enumerate(reference_images)]
+        references = [_open_image(img, f"reference image {i}") for i, img in enumerate(reference_images)]
         width, height = self._size(width, height, references, match_image_size)
         num_steps = self.info.num_steps if num_steps is None else num_steps
         guidance = self.info.guidance if guidance is None else guidance
-        check_settings(self.info, width=width, height=height, num_steps=num_steps, guidance=guidance, seed=seed,
-                       num_images=num_images, negative_prompt=negative_prompt)  # fmt: skip
+        check_settings(
+            self.info, width=width, height=height, num_steps=num_steps, guidance=guidance, seed=seed,
+            num_images=num_images, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+        )  # fmt: skip
+        if cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {', '.join(CFG_MODES)}, got {cfg_mode!r}")
+        if true_cfg_scale is not None:
+            log.warning("true CFG on %s runs the model twice per step: about twice the time", self.info.name)
+        ip_images = [_open_image(img, f"IP-Adapter image {i}") for i, img in enumerate(ip_adapter_images)]
+        if ip_images and self.ip_adapter is None:
+            raise ValueError("ip_adapter_images need an IP-Adapter: Flux2Pipeline(..., ip_adapter=IPAdapter...)")
+        if ip_images and cfg_mode == "batched" and (self.info.uses_cfg or true_cfg_scale is not None):
+            raise ValueError("IP-Adapter tokens stay out of the unconditional pass: use cfg_mode sequential or auto")
         seed = random.randrange(2**31) if seed is None else seed
-        seeds = [seed + i for i in range(num_images)]
-        negative_prompt = negative_prompt or None  # "" is the default negative, not a request
-        return _Request(prompt, width, height, num_steps, float(guidance), seeds, negative_prompt, references)
+        return _Request(
+            prompt, width, height, num_steps, float(guidance), seeds=[seed + i for i in range(num_images)],
+            negative_prompt=negative_prompt or None,  # "" is the default negative, not a request
+            references=references, cfg=float(guidance) if self.info.uses_cfg else true_cfg_scale,
+            cfg_mode=cfg_mode, ip_images=ip_images, ip_scale=ip_adapter_scale,
+        )  # fmt: skip
 
     def _size(self, width, height, references, match_image_size) -> tuple[int, int]:
         if match_image_size is not None:
@@ -326,7 +491,7 @@ class Flux2Pipeline:
     def _encode_text(self, request: _Request, report: "_Reporter") -> tuple[Tensor, Tensor]:
         report(Progress("encode_text", 0, 1))
         with self._resident(self.text_encoder):
-            if self.info.uses_cfg:  # [uncond; cond], uncond first as in the reference
+            if request.cfg is not None:  # [uncond; cond], uncond first as in the reference
                 ctx = self.text_encoder([request.negative_prompt or "", request.text])
             else:
                 ctx = self.text_encoder([request.text])
@@ -335,13 +500,46 @@ class Flux2Pipeline:
         return batched_prc_txt(ctx)
 
     def _encode_references(self, request: _Request, report: "_Reporter") -> tuple[Tensor | None, Tensor | None]:
-        if not request.references:
+        """The reference tokens: an inpainting source first (t = 10, exactly its latents), then the references."""
+        source = request.source if request.source is not None and request.source.as_reference else None
+        if not request.references and source is None:
             return None, None
         report(Progress("encode_references", 0, 1))
+        parts = []
         with self._resident(self.ae):
-            refs, ref_ids = encode_image_refs(self.ae, request.references, dtype=self.dtype)
+            if source is not None:
+                parts.append(batched_prc_img(self._ae_encode(source.work), t_coord=torch.tensor([REF_TIME_SCALE])))
+            if request.references:
+                refs, ref_ids = encode_image_refs(self.ae, request.references, dtype=self.dtype)
+                if source is not None:  # the source holds t = 10; the references move up one slot
+                    ref_ids = ref_ids + torch.tensor([REF_TIME_SCALE, 0, 0, 0])
+                parts.append((refs, ref_ids))
         report(Progress("encode_references", 1, 1))
-        return refs.to(self.device), ref_ids.to(self.device)
+        refs = torch.cat([tokens.to(self.device, self.dtype) for tokens, _ in parts], dim=1)
+        return refs, torch.cat([ids.to(self.device) for _, ids in parts], dim=1)
+
+    def _ae_encode(self, image: Image.Image) -> Tensor:
+        """Normalised latents [1, C, h, w] of an image, in the autoencoder's dtype."""
+        param = next(self.ae.parameters())
+        return self.ae.encode(image_to_tensor(image)[None].to(param.device, param.dtype))
+
+    def _encode_source(self, request: _Request) -> tuple[Tensor, Tensor | None] | None:
+        """Image-to-image and inpainting: the source's packed latents [1, L, C] and the latent mask [1, L, 1]."""
+        source = request.source
+        if source is None:
+            return None
+        with self._resident(self.ae):
+            latents, _ = batched_prc_img(self._ae_encode(source.work))
+        mask = None
+        if source.work_mask is not None:
+            mask = latent_mask(source.work_mask, *source.work.size).to(self.device, self.dtype)
+        return latents.to(self.device, self.dtype), mask
+
+    def _ip_tokens(self, request: _Request) -> Tensor | None:
+        if not request.ip_images:
+            return None
+        tokens = self.ip_adapter.tokens(request.ip_images, request.ip_scale)
+        return None if tokens is None else tokens.to(self.device, self.dtype)
 
     def _noise(self, request: _Request, seed: int) -> tuple[Tensor, Tensor]:
         """Seeded noise drawn on the CPU in float32 in the patchified layout [1, C, h, w], then packed and
@@ -351,26 +549,49 @@ class Flux2Pipeline:
         x, x_ids = batched_prc_img(noise)
         return x.to(self.device, self.dtype), x_ids.to(self.device)
 
-    def _denoise(self, request, seed, txt, txt_ids, refs, ref_ids, report: "_Reporter") -> tuple[Tensor, Tensor]:
+    def _denoise(
+        self, request, seed, txt, txt_ids, refs, ref_ids, start, ip_tokens, report: "_Reporter"
+    ) -> tuple[Tensor, Tensor]:
         x, x_ids = self._noise(request, seed)
         timesteps = get_schedule(request.num_steps, x.shape[1])
-        loop = self._loop(refs is not None)
-        report(Progress("denoise", 0, request.num_steps))
+        blend = None
+        if start is not None:  # image-to-image / inpainting: start part-way, from the noised source
+            source, mask = start
+            noise, timesteps = x, truncated_schedule(timesteps, request.source.strength)
+            x = noised(source, noise, timesteps[0])
+            if mask is not None:  # the kept region follows the source, re-noised with the same noise
+                blend = _known_region(source, noise, mask)
+        steps = len(timesteps) - 1
+        report(Progress("denoise", 0, steps))
 
         def on_step(i: int, total: int) -> None:
             if i > 0:
                 report(Progress("denoise", i, total))
 
-        x = loop(self.flow_model, x, x_ids, txt, txt_ids, timesteps, request.guidance, refs, ref_ids, callback=on_step)
-        report(Progress("denoise", request.num_steps, request.num_steps))
+        common = dict(callback=on_step, blend=blend, txt_extra=ip_tokens)
+        args = (self.flow_model, x, x_ids, txt, txt_ids, timesteps)
+        if request.cfg is None:
+            loop = denoise_cached if self.info.use_kv_cache and refs is not None else denoise
+            x = loop(*args, request.guidance, refs, ref_ids, **common)
+        else:
+            x = self._denoise_cfg(request, args, refs, ref_ids, common, report, steps)
+        report(Progress("denoise", steps, steps))
         return x, x_ids
 
-    def _loop(self, has_refs: bool):
-        if self.info.uses_cfg:
-            return denoise_cfg
-        if self.info.use_kv_cache and has_refs:
-            return denoise_cached
-        return denoise
+    def _denoise_cfg(self, request, args, refs, ref_ids, common, report, steps) -> Tensor:
+        """CFG batched when allowed and memory holds, else one half after the other (the same result)."""
+        embedded = request.guidance if self.flow_model.params.use_guidance_embed else None
+        batched = request.cfg_mode == "batched" or (request.cfg_mode == "auto" and common["txt_extra"] is None)
+        try:
+            return denoise_cfg(*args, request.cfg, refs, ref_ids, **common, batched=batched, model_guidance=embedded)
+        except torch.OutOfMemoryError:
+            if not batched or request.cfg_mode == "batched":
+                raise
+        log.warning("out of memory running [uncond; cond] together: running them one after the other")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        report(Progress("denoise", 0, steps))
+        return denoise_cfg(*args, request.cfg, refs, ref_ids, **common, batched=False, model_guidance=embedded)
 
     def _decode(self, latents: tuple[Tensor, Tensor], report: "_Reporter") -> Image.Image:
         report(Progress("decode", 0, 1))
@@ -398,7 +619,10 @@ class Flux2Pipeline:
         return replace(request, upsampled=result)
 
     def _finish(self, image: Image.Image, request: _Request, seed: int) -> GeneratedImage:
-        """Screen the output, then watermark it; a flagged output loses its pixels."""
+        """Put an inpainted region back into its source, screen the output, then watermark it; a flagged output
+        loses its pixels."""
+        if request.source is not None:
+            image = request.source.paste(image)
         verdict = self.safety.check_output(image)
         if verdict is not None:
             log.warning("output image (seed %d) withheld: %s", seed, verdict.detail)
@@ -424,7 +648,12 @@ class Flux2Pipeline:
             upsampled_prompt=upsampled.upsampled if upsampled is not None else None,
             upsampling_error=upsampled.error if upsampled is not None else None,
             references=tuple(image_sha256(im) for im in request.references),
-            kv_cache=self.info.use_kv_cache and bool(request.references),
+            kv_cache=self.info.use_kv_cache and request.cfg is None and bool(request.references),
+            mode=request.source.mode if request.source is not None else "generate",
+            strength=request.source.strength if request.source is not None else None,
+            source=image_sha256(request.source.image) if request.source is not None else None,
+            true_cfg_scale=None if self.info.uses_cfg else request.cfg,
+            ip_adapter_scale=request.ip_scale if request.ip_images else None,
             watermark=watermark,
             safety=self.safety.mode,
             note="noise image from the random-weight self-test model" if self.info.is_tiny else "",
@@ -458,8 +687,32 @@ class _Reporter:
             self.callback(progress)
 
 
-def _open_image(img: ImageInput, index: int) -> Image.Image:
-    return img if isinstance(img, Image.Image) else open_image(img, f"reference image {index}")
+def _open_image(img: ImageInput, what: str) -> Image.Image:
+    return img if isinstance(img, Image.Image) else open_image(img, what)
+
+
+def _open_mask(mask: ImageInput) -> Image.Image:
+    """A mask as given: a PIL image, or a file opened without conversion (its mode is checked later)."""
+    if isinstance(mask, Image.Image):
+        return mask
+    path = Path(mask)
+    if not path.is_file():
+        raise ValueError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened
+    except OSError as err:
+        raise ValueError(f"mask ({path}) is not a readable image: {err}") from err
+
+
+def _known_region(source: Tensor, noise: Tensor, mask: Tensor):
+    """After each step: the generated tokens where mask is 1, the source re-noised to t_next where it is 0."""
+
+    def blend(x: Tensor, t_next: float) -> Tensor:
+        return mask * x + (1 - mask) * noised(source, noise, t_next)
+
+    return blend
 
 
 def image_sha256(img: Image.Image) -> str:

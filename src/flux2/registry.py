@@ -3,6 +3,7 @@
 Insertion order matters: the first entry is the default model.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from flux2.autoencoder import AutoEncoderParams
@@ -149,6 +150,7 @@ def check_settings(
     seed: int | None = None,
     num_images: int = 1,
     negative_prompt: str | None = None,
+    true_cfg_scale: float | None = None,
 ) -> None:
     """Check generation settings against a model before anything runs (None: the model's default).
 
@@ -163,7 +165,15 @@ def check_settings(
     info.check_fixed(num_steps, info.guidance if guidance is None else guidance)
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    if negative_prompt and not info.uses_cfg:
-        raise ValueError(f"{info.name} does not use a negative prompt (only the klein base models run CFG)")
+    if true_cfg_scale is not None:
+        if info.uses_cfg:
+            raise ValueError(f"{info.name} runs true CFG already: its scale is `guidance`, not true_cfg_scale")
+        if not isinstance(true_cfg_scale, int | float) or not 1 < true_cfg_scale < math.inf:
+            raise ValueError(f"true_cfg_scale must be a number > 1 (1 is the plain run), got {true_cfg_scale!r}")
+    if negative_prompt and not info.uses_cfg and true_cfg_scale is None:
+        raise ValueError(
+            f"{info.name} does not use a negative prompt: only CFG does (the klein base models always; other "
+            "models with true_cfg_scale, at twice the cost)"
+        )
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_images):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_images}], got {seed!r}")

@@ -228,21 +228,64 @@ def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
 
 # A velocity function maps (latents [B, L, C], t as a [B] tensor in the latents' dtype) to dx/dt.
 Velocity = Callable[[Tensor, Tensor], Tensor]
+Blend = Callable[[Tensor, float], Tensor]
 
 
-def euler(img: Tensor, timesteps: list[float], velocity: Velocity, callback: StepCallback | None = None) -> Tensor:
-    """The one Euler loop behind every denoiser: img += (t_prev - t_curr) * v(img, t_curr)."""
+def euler(
+    img: Tensor,
+    timesteps: list[float],
+    velocity: Velocity,
+    callback: StepCallback | None = None,
+    blend: Blend | None = None,
+) -> Tensor:
+    """The one Euler loop behind every denoiser: img += (t_prev - t_curr) * v(img, t_curr).
+
+    `blend(img, t_prev)`, when given, rewrites the latents after each step (inpainting puts back the known region
+    re-noised to t_prev).
+    """
     total = len(timesteps) - 1
     for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
         if callback is not None:
             callback(i, total)
         t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)  # rounded like the ref
         img = img + (t_prev - t_curr) * velocity(img, t_vec)
+        if blend is not None:
+            img = blend(img, t_prev)
     return img
+
+
+def truncated_schedule(timesteps: list[float], strength: float) -> list[float]:
+    """The last `strength` of a schedule, as diffusers' img2img / inpaint pipelines cut it: of N steps,
+    int(N - N * strength) are skipped. strength 1 keeps all; a small strength keeps at least one step."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    num_steps = len(timesteps) - 1
+    start = int(max(num_steps - min(num_steps * strength, num_steps), 0))
+    return timesteps[min(start, num_steps - 1) :]
+
+
+def noised(latents: Tensor, noise: Tensor, t: float) -> Tensor:
+    """The rectified-flow point at time t between clean latents (t=0) and noise (t=1)."""
+    return t * noise + (1.0 - t) * latents
+
+
+def extra_txt_ids(txt_ids: Tensor, count: int) -> Tensor:
+    """txt_ids [B, L, 4] followed by ids for `count` more text-stream tokens at positions L, L+1, ..."""
+    batch, length, _ = txt_ids.shape
+    extra = torch.zeros(batch, count, 4, dtype=txt_ids.dtype, device=txt_ids.device)
+    extra[..., 3] = torch.arange(length, length + count, device=txt_ids.device)
+    return torch.cat([txt_ids, extra], dim=1)
 
 
 def _guidance_vec(guidance: float | None, img: Tensor) -> Tensor | None:
     return None if guidance is None else torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
+
+
+def _with_extra(txt_ids: Tensor, txt_extra: Tensor | None) -> tuple[Tensor, dict]:
+    """The text ids covering any extra tokens, and the forward's keyword for them (none: any model works)."""
+    if txt_extra is None:
+        return txt_ids, {}
+    return extra_txt_ids(txt_ids, txt_extra.shape[1]), {"txt_extra": txt_extra}
 
 
 def _twice(t: Tensor | None) -> Tensor | None:
@@ -286,16 +329,22 @@ def denoise(
     img_cond_seq_ids: Tensor | None = None,
     *,
     callback: StepCallback | None = None,
+    blend: Blend | None = None,
+    txt_extra: Tensor | None = None,
 ) -> Tensor:
-    """Euler integration from timesteps[0] to timesteps[-1]; returns the denoised packed latents."""
+    """Euler integration from timesteps[0] to timesteps[-1]; returns the denoised packed latents.
+
+    `txt_extra` [B, n, hidden] are extra text-stream tokens (IP-Adapter); `blend` see `euler`.
+    """
     guidance_vec = _guidance_vec(guidance, img)
     img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
+    txt_ids, extra = _with_extra(txt_ids, txt_extra)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         seq, seq_ids = _with_refs(x, img_ids, img_cond_seq, img_cond_seq_ids)
-        return model(seq, seq_ids, t, txt, txt_ids, guidance_vec)[:, : x.shape[1]]
+        return model(seq, seq_ids, t, txt, txt_ids, guidance_vec, **extra)[:, : x.shape[1]]
 
-    return euler(img, timesteps, velocity, callback)
+    return euler(img, timesteps, velocity, callback, blend)
 
 
 @torch.no_grad()
@@ -311,23 +360,26 @@ def denoise_cached(
     img_cond_seq_ids: Tensor | None = None,
     *,
     callback: StepCallback | None = None,
+    blend: Blend | None = None,
+    txt_extra: Tensor | None = None,
 ) -> Tensor:
     """The klein KV loop: reference K/V extracted at the first step and reused at the others."""
     if img_cond_seq is None or img_cond_seq_ids is None:
         raise ValueError("denoise_cached needs reference tokens (img_cond_seq and img_cond_seq_ids)")
     img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
     guidance_vec = _guidance_vec(guidance, img)
+    txt_ids, extra = _with_extra(txt_ids, txt_extra)
     cache = None
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         nonlocal cache
         if cache is None:
             pred, cache = model.forward_kv_extract(x, img_ids, t, txt, txt_ids, guidance_vec, img_cond_seq,
-                                                   img_cond_seq_ids)  # fmt: skip
+                                                   img_cond_seq_ids, **extra)  # fmt: skip
             return pred
-        return model.forward_kv_cached(x, img_ids, t, txt, txt_ids, guidance_vec, cache)
+        return model.forward_kv_cached(x, img_ids, t, txt, txt_ids, guidance_vec, cache, **extra)
 
-    return euler(img, timesteps, velocity, callback)
+    return euler(img, timesteps, velocity, callback, blend)
 
 
 @torch.no_grad()
@@ -343,19 +395,50 @@ def denoise_cfg(
     img_cond_seq_ids: Tensor | None = None,
     *,
     callback: StepCallback | None = None,
+    blend: Blend | None = None,
+    txt_extra: Tensor | None = None,
+    batched: bool = True,
+    model_guidance: float | None = None,
 ) -> Tensor:
-    """True CFG with txt = [uncond; cond] batched in one forward; references are kept in both halves.
+    """True CFG: v = uncond + guidance * (cond - uncond), with txt = [uncond; cond]; references are kept in both.
 
+    `batched` runs both halves in one forward of twice the batch; otherwise one after the other (half the
+    activation memory, the same result). `txt_extra` tokens (IP-Adapter) go to the conditional half only, so
+    they need `batched=False`. `model_guidance` is the embedded guidance of a guidance-distilled model ([dev]).
     img is one half's latents [B, L, C]; returns the denoised [B, L, C].
     """
     if txt.shape[0] != 2 * img.shape[0]:
         raise ValueError(f"denoise_cfg needs txt = [uncond; cond]: batch {txt.shape[0]} != 2 x {img.shape[0]}")
+    if txt_extra is not None and batched:
+        raise ValueError("txt_extra goes to the conditional half only: run CFG with batched=False")
     img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
-    img_ids2, refs2, ref_ids2 = _twice(img_ids), _twice(img_cond_seq), _twice(img_cond_seq_ids)
+    velocity = (_batched_cfg if batched else _sequential_cfg)(
+        model, img_ids, txt, txt_ids, guidance, img_cond_seq, img_cond_seq_ids, model_guidance, txt_extra
+    )
+    return euler(img, timesteps, velocity, callback, blend)
+
+
+def _batched_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_guidance, txt_extra) -> Velocity:
+    img_ids2, refs2, ref_ids2 = _twice(img_ids), _twice(refs), _twice(ref_ids)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         seq, seq_ids = _with_refs(_twice(x), img_ids2, refs2, ref_ids2)
-        uncond, cond = model(seq, seq_ids, _twice(t), txt, txt_ids, None)[:, : x.shape[1]].chunk(2)
+        embedded = _guidance_vec(model_guidance, seq)
+        uncond, cond = model(seq, seq_ids, _twice(t), txt, txt_ids, embedded)[:, : x.shape[1]].chunk(2)
         return uncond + guidance * (cond - uncond)
 
-    return euler(img, timesteps, velocity, callback)
+    return velocity
+
+
+def _sequential_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_guidance, txt_extra) -> Velocity:
+    (txt_u, txt_c), (ids_u, ids_c) = txt.chunk(2), txt_ids.chunk(2)
+    ids_c, extra = _with_extra(ids_c, txt_extra)
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        seq, seq_ids = _with_refs(x, img_ids, refs, ref_ids)
+        embedded = _guidance_vec(model_guidance, seq)
+        uncond = model(seq, seq_ids, t, txt_u, ids_u, embedded)[:, : x.shape[1]]
+        cond = model(seq, seq_ids, t, txt_c, ids_c, embedded, **extra)[:, : x.shape[1]]
+        return uncond + guidance * (cond - uncond)
+
+    return velocity
