@@ -56,10 +56,15 @@ def binary_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def feathered(mask: Image.Image, radius: float) -> Image.Image:
-    """A soft edge of about `radius` px on each side of the mask's border (Gaussian blur)."""
-    if radius < 0:
-        raise ValueError(f"mask_blur must be >= 0 px, got {radius}")
-    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
+    """A soft edge `radius` px wide or so, laid outside the mask: the mask is grown by `radius`, then blurred
+    (sigma radius / 3), so all of the white area stays fully white and the kept area turns exactly black from
+    about 2 x radius past the edge."""
+    if not isinstance(radius, int | float) or radius < 0:
+        raise ValueError(f"mask_blur must be a number of px >= 0, got {radius!r}")
+    if radius == 0:
+        return mask
+    grown = mask.filter(ImageFilter.MaxFilter(2 * math.ceil(radius) + 1))
+    return grown.filter(ImageFilter.GaussianBlur(radius / 3))
 
 
 def latent_mask(mask: Image.Image, width: int, height: int) -> Tensor:

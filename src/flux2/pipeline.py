@@ -462,6 +462,10 @@ class Flux2Pipeline:
         if true_cfg_scale is not None:
             log.warning("true CFG on %s runs the model twice per step: about twice the time", self.info.name)
         ip_images = [_open_image(img, f"IP-Adapter image {i}") for i, img in enumerate(ip_adapter_images)]
+        if ip_images:
+            from flux2.ip_adapter import check_scale
+
+            check_scale(ip_adapter_scale)
         if ip_images and self.ip_adapter is None:
             raise ValueError("ip_adapter_images need an IP-Adapter: Flux2Pipeline(..., ip_adapter=IPAdapter...)")
         if ip_images and cfg_mode == "batched" and (self.info.uses_cfg or true_cfg_scale is not None):
