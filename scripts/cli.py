@@ -20,6 +20,8 @@ TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 def repl_arguments(argv: list[str]) -> list[str]:
     """`flux2 repl` arguments for the reference's flags; a bare switch means True, as with python-fire."""
+    if {"-h", "--help"} & set(argv):
+        return ["repl", "--help"]
     options, settings = [], []
     tokens = list(argv)
     while tokens:

@@ -1,8 +1,10 @@
 """The one-shot subcommands end to end with the tiny model, as a user runs them (separate processes)."""
 
 import json
+import time
 
 import pytest
+import torch
 from command import flux2
 from PIL import Image
 from terminal import Terminal
@@ -27,13 +29,24 @@ def test_generate_json_output_and_no_overwrite(tmp_path, cli_env):
     assert (tmp_path / "out.png").read_bytes() == (tmp_path / "out-1.png").read_bytes()  # same seed, same image
 
 
-def test_default_folder_names_images_by_seed(tmp_path, cli_env):
-    result = flux2("generate", "a ship", *SMALL, "--seed", "3", "--num-images", "2", cwd=tmp_path, env=cli_env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["saved output/flux2-3.png (seed 3)", "saved output/flux2-4.png (seed 4)"]
+@pytest.fixture
+def in_folder(tmp_path, monkeypatch):
+    """`main()` in this process (quicker than a new one), run from tmp_path with none of our variables set."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("FLUX2_MODEL", "FLUX2_WEIGHTS_DIR", "KLEIN_4B_MODEL_PATH", "AE_MODEL_PATH", "QWEN3_4B_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_default_folder_names_images_by_seed(tmp_path, in_folder, capsys):
+    assert main(["generate", "a ship", *SMALL, "--seed", "3", "--num-images", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "saved output/flux2-3.png (seed 3)",
+        "saved output/flux2-4.png (seed 4)",
+    ]
     args = ["generate", "a ship", *SMALL, "--seed", "3", "-o", "shots", "--format", "jpeg"]
     for _ in range(2):
-        assert flux2(*args, cwd=tmp_path, env=cli_env).returncode == 0
+        assert main(args) == 0
     assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == ["flux2-3-1.jpg", "flux2-3.jpg"]
     assert read_provenance(tmp_path / "shots" / "flux2-3-1.jpg")["seed"] == 3
 
@@ -63,7 +76,7 @@ def test_edit_then_info_shows_the_record_and_the_watermark(tmp_path, cli_env):
     assert "plain.png: 256x256 PNG\n  no flux2 record" in shown and "invisible mark    not found" in shown
 
 
-def test_a_named_model_from_weights_where_a_user_puts_them(tmp_path, cli_env, klein_weights):
+def test_a_named_model_from_weights_where_a_user_puts_them(tmp_path, in_folder, klein_weights):
     studio, diffusers_repo = klein_weights
     args = ["generate", "a fox", "--model", "flux.2-klein-4b", "--width", "64", "--height", "64", "--seed", "3"]
     env_vars = {
@@ -77,14 +90,15 @@ def test_a_named_model_from_weights_where_a_user_puts_them(tmp_path, cli_env, kl
         "variables.png": ([], env_vars),
     }
     for name, (options, env) in runs.items():
-        result = flux2(*args, *options, "-o", name, cwd=tmp_path, env={**cli_env, **env})
-        assert result.returncode == 0, result.stderr
+        with pytest.MonkeyPatch.context() as variables:
+            for key, value in env.items():
+                variables.setenv(key, value)
+            assert main([*args, *options, "-o", name]) == 0
         assert read_provenance(tmp_path / name)["model"] == "flux.2-klein-4b"
     pixels = {name: Image.open(tmp_path / name).tobytes() for name in runs}
     assert len(set(pixels.values())) == 1  # the same weights in every layout: the same image
-    tiny = flux2("generate", "a fox", *SMALL[:2], "--width", "64", "--height", "64", "--seed", "3", "-o", "t.png",
-                 cwd=tmp_path, env=cli_env)  # fmt: skip
-    assert tiny.returncode == 0 and Image.open(tmp_path / "t.png").tobytes() != pixels["studio.png"]
+    assert main(["generate", "a fox", *SMALL[:2], "--width", "64", "--height", "64", "--seed", "3", "-o", "t.png"]) == 0
+    assert Image.open(tmp_path / "t.png").tobytes() != pixels["studio.png"]  # the files were really used
 
 
 @pytest.mark.parametrize(
@@ -94,15 +108,25 @@ def test_a_named_model_from_weights_where_a_user_puts_them(tmp_path, cli_env, kl
         (["--model", "tiny", "--width", "100"], "width must be a positive multiple of 16 px, got 100"),
         (["--model", "tiny", "--steps", "-2"], "num_steps must be a positive integer, got -2"),
         (["--model", "flux.2-klein-4b", "--steps", "8"], "num_steps is fixed at 4 (got 8)"),  # before any weights
-        (["--model", "tiny", "-i", "missing.png"], "input image 0 (missing.png) not found"),
-        (["--model", "tiny", "-i", "broken.png"], "reference image 0 (broken.png) is not a readable image"),
+        (["--model", "tiny", "-i", "missing.png"], "input image 0 not found: missing.png"),
+        (["--model", "tiny", "-i", "broken.png"], "input image 0 (broken.png) is not a readable image"),
+        (["--model", "tiny", "-i", "broken.png", "--match-image-size", "1"], "not a readable image"),
+        (["--model", "tiny", "--match-image-size", "0"], "--match-image-size 0: there are 0 input images"),
+        (["--model", "tiny", "-o", "plainfile"], "-o plainfile is an existing file"),
+        (["--model", "tiny", "--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"], "--device"),
         (["--model", "tiny", "-o", "out.tiff"], "must end in one of .png"),
         (["--model", "tiny", "-o", "out.png", "--format", "jpeg"], "-o out.png and --format jpeg disagree"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, monkeypatch, capsys, args, message):
-    monkeypatch.chdir(tmp_path)  # in-process: these all fail before any model runs
+    monkeypatch.chdir(tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("bad input must fail before any model loads")
+
+    monkeypatch.setattr("flux2.pipeline.Flux2Pipeline.__init__", no_loading)
     (tmp_path / "broken.png").write_text("not an image")
+    (tmp_path / "plainfile").write_text("")
     assert main(["generate", "x", *args]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -117,6 +141,18 @@ def test_edit_needs_an_image_and_missing_weights_name_the_variable(tmp_path, cli
     assert offline.returncode == 1 and "Traceback" not in offline.stderr
     [line] = [line for line in offline.stderr.splitlines() if line.strip()]
     assert line.startswith("error: ") and "QWEN3_4B_PATH" in line and "KLEIN_4B_MODEL_PATH" in line
+
+
+def test_no_network_fails_quickly_with_one_line(tmp_path, cli_env):
+    from test_cli_models import closed_port
+
+    env = {key: value for key, value in cli_env.items() if key != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"  # nothing listens: as with no network
+    started = time.monotonic()
+    result = flux2("generate", "x", "--model", "flux.2-klein-4b", cwd=tmp_path, env=env)
+    assert result.returncode == 1 and time.monotonic() - started < 30  # no minute of download retries
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "is not reachable" in line and "KLEIN_4B_MODEL_PATH" in line and "Traceback" not in result.stderr
 
 
 def help_text(*args: str, capsys) -> str:
@@ -141,7 +177,7 @@ def test_flagged_output_is_reported_and_not_written(tmp_path, cli_env):
     classifier = save_tiny_image_classifier(tmp_path / "nsfw", {0: "normal", 1: "nsfw"})
     safety = ["--safety", "classifier", "--nsfw-model", str(classifier), "--nsfw-threshold", "0"]
     result = flux2("generate", "x", *SMALL, "-o", "out", "--json", *safety, cwd=tmp_path, env=cli_env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # nothing written: a script can tell
     assert json.loads(result.stdout)["outputs"] == [None] and "withheld seed" in result.stderr
     assert not (tmp_path / "out").exists()
 

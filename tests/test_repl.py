@@ -13,6 +13,7 @@ from PIL import Image
 from terminal import Terminal
 
 from flux2.cli.config import DEFAULT_PROMPT, Config, parse_key_values, updated
+from flux2.cli.output import Target
 from flux2.cli.repl import Session
 from flux2.pipeline import Flux2Pipeline
 from flux2.provenance import read_provenance
@@ -140,6 +141,16 @@ def test_a_session_through_stdin(tmp_path, cli_env):
     assert Image.open(tmp_path / "output" / "flux2-5-1.png").size == (64, 32)
 
 
+def test_the_session_survives_bad_lines_and_ends_at_end_of_input(tmp_path, cli_env):
+    lines = ["input_images=" + "x" * 300, "h", "reset seed=5", "show"]  # no quit: the input just ends
+    result = flux2("repl", "--model", "tiny", cwd=tmp_path, env=cli_env, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "not found. Skipping for now." in result.stdout and "Commands: run, show" in result.stdout
+    shown = result.stdout[result.stdout.rindex("> show") :] if "> show" in result.stdout else result.stdout
+    assert "seed                  5" in shown  # reset first, then the seed, in the order typed
+    assert result.stdout.rstrip().endswith("bye!") and "Traceback" not in result.stderr
+
+
 def test_distilled_model_keeps_its_steps_and_guidance(tmp_path, cli_env, klein_weights):
     studio, _ = klein_weights
     args = ["repl", "--model", "flux.2-klein-4b", "--weights-dir", str(studio)]
@@ -238,7 +249,7 @@ def moderated(tmp_path_factory):
 
 def session(pipe, tmp_path) -> Session:
     args = argparse.Namespace(verbose=False, upsample_model=None, upsample_url=None)
-    return Session(pipe, Config.for_model(pipe.info), (tmp_path, None, ".png"), args)
+    return Session(pipe, Config.for_model(pipe.info), Target(tmp_path, None, ".png"), args)
 
 
 def test_new_prompts_and_input_images_are_moderated(moderated, tmp_path, capsys):
@@ -256,6 +267,9 @@ def test_new_prompts_and_input_images_are_moderated(moderated, tmp_path, capsys)
     repl.handle(f"input_images={tmp_path / 'in.png'}")
     assert f"The image {tmp_path / 'in.png'} has been flagged as unsuitable" in capsys.readouterr().out
     assert repl.config.input_images == ()
+    (tmp_path / "broken.png").write_text("not an image")
+    assert repl.handle_safely(f"input_images={tmp_path / 'broken.png'}") is None  # screened, fails, session goes on
+    assert "The model is still loaded" in capsys.readouterr().err
 
 
 def test_upsampling_mode_set_in_the_session(tmp_path, cli_env):

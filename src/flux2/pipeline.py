@@ -34,7 +34,7 @@ from flux2.editing import (
     outpaint_canvas,
     working_size,
 )
-from flux2.registry import DEFAULT_MODEL, ModelInfo, check_settings, model_info
+from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
 from flux2.safety import ContentFlagged, IntegrityChecker, SafetyPolicy, SafetyVerdict
 from flux2.sampling import (
     PIXELS_PER_TOKEN,
@@ -53,6 +53,7 @@ from flux2.sampling import (
     tensor_to_image,
     truncated_schedule,
 )
+from flux2.settings import check_settings
 from flux2.text_encoder import Mistral3SmallEmbedder
 from flux2.upsampling import PromptUpsampler, UpsampleResult
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder

@@ -22,10 +22,14 @@ TEXT_ENCODER_PATTERNS = [*TOKENIZER_PATTERNS, "model*.safetensors"]
 class WeightsNotFoundError(FileNotFoundError):
     """No weights were found locally and they could not be downloaded; the message says what to set."""
 
-    def __init__(self, message: str, reason: str = "", what: str = "", env_var: str = "") -> None:
+    def __init__(self, message: str, reason: str = "", what: str = "", env_var: str = "", repo_id: str = "") -> None:
         super().__init__(message)
         self.reason = reason or message  # why it was not found, without the advice
-        self.what, self.env_var = what, env_var  # the part, and the variable that would point at it
+        self.what, self.env_var, self.repo_id = what, env_var, repo_id  # the part, its variable, its Hub repo
+
+    def with_reason(self, reason: str) -> "WeightsNotFoundError":
+        """The same missing part with another reason (an error about a variable's bad path stays as it is)."""
+        return _not_found(self.what, self.env_var, self.repo_id, reason) if self.env_var else self
 
 
 class WeightsDownloadError(OSError):
@@ -153,6 +157,10 @@ def find_weights(
     finders = {part: finders[part] for part in parts}
     found, errors = {}, {}
     for allow_download in [False, True] if download else [False]:
+        if allow_download and (offline := _hub_out_of_reach(info, list(errors))):
+            errors = {part: err.with_reason(f"not in the local Hugging Face cache, and {offline}")
+                      for part, err in errors.items()}  # fmt: skip
+            break
         for part in [p for p in finders if p not in found]:
             try:
                 found[part] = finders[part](allow_download)
@@ -346,6 +354,23 @@ def _is_unreachable(err: Exception) -> bool:
     return bool(names & no_answer) or status >= 500
 
 
+def _hub_out_of_reach(info: ModelInfo, parts: list[str]) -> str:
+    """Why nothing can be downloaded ("" when the Hub answers): one quick request before the real downloads,
+    whose retries against a Hub out of reach take about a minute."""
+    from huggingface_hub import constants
+
+    if not parts:
+        return ""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        hub_sources(info)[parts[0]].check_access()
+    except Exception as err:
+        if _is_unreachable(err):
+            return f"the Hugging Face Hub at {constants.ENDPOINT} is not reachable"
+    return ""
+
+
 def _missing_weights(info: ModelInfo, errors: list[WeightsNotFoundError]) -> WeightsNotFoundError:
     """One line for everything missing: each part, why, and the variable that would point at it."""
     reasons = {err.reason for err in errors}
@@ -370,6 +395,7 @@ def _not_found(what: str, env_var: str, repo_id: str, reason: str) -> WeightsNot
         reason=reason,
         what=what,
         env_var=env_var,
+        repo_id=repo_id,
     )
 
 

@@ -5,7 +5,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from flux2.registry import ModelInfo, check_settings
+from flux2.registry import ModelInfo
+from flux2.settings import check_settings
 
 DEFAULT_PROMPT = (
     "a photo of a forest with mist swirling around the tree trunks. The word 'FLUX.2' is painted over it in big, "
@@ -94,10 +95,18 @@ def _existing_images(raw: str, say: Say) -> list[Path]:
         return []
     pieces = raw.split(",") if "," in raw and " " not in raw else shlex.split(raw)
     paths = [Path(part.strip()) for piece in pieces for part in piece.split(",") if part.strip()]
+    found = [path for path in paths if _is_file(path)]
     for path in paths:
-        if not path.exists():
+        if path not in found:
             say(f"File {path} not found. Skipping for now. Please check your path")
-    return [path for path in paths if path.exists()]
+    return found
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system
+        return False
 
 
 def updated(config: Config, updates: dict[str, object], info: ModelInfo) -> Config:

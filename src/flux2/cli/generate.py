@@ -7,8 +7,10 @@ from pathlib import Path
 
 from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
 from flux2.cli.output import FORMATS, output_target
-from flux2.registry import check_settings, model_info
+from flux2.registry import model_info
+from flux2.settings import check_settings
 
+NOTHING_WRITTEN = 3  # exit status when the safety policy withheld every image
 GENERATE_EXAMPLES = """examples:
   flux2 generate "a red fox in the snow" --seed 7 -o fox.png
   flux2 generate "a bakery sign at dawn" --model flux.2-klein-base-4b --steps 28 --negative-prompt blurry
@@ -63,25 +65,38 @@ def run(args: argparse.Namespace) -> int:
     from flux2.cli.run import generate_and_save
     from flux2.progress import TerminalProgress
 
+    # Everything a user can get wrong fails here, before minutes of loading.
     name = model_name(args)
-    target = output_target(args.output, args.format)  # a bad -o fails now, not after the models have loaded
+    target = output_target(args.output, args.format)
     check_settings(
         model_info(name), width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance,
         seed=args.seed, num_images=args.num_images, negative_prompt=args.negative_prompt,
     )  # fmt: skip
-    for i, image in enumerate(args.image):
-        if not image.is_file():
-            raise FileNotFoundError(f"input image {i} ({image}) not found")
+    images = _input_images(args)
     with TerminalProgress(enabled=not args.json) as progress:
         pipe = open_pipeline(args, name, progress=progress)
     result = generate_and_save(
         pipe, target, sidecar=args.sidecar, show_progress=not args.json,
         prompt=args.prompt, width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance,
         seed=args.seed, num_images=args.num_images, negative_prompt=args.negative_prompt,
-        reference_images=args.image, match_image_size=args.match_image_size,
+        reference_images=images, match_image_size=args.match_image_size,
     )  # fmt: skip
     report(result, as_json=args.json)
-    return 130 if result.cancelled else 0
+    if result.cancelled:
+        return 130
+    return NOTHING_WRITTEN if result.outputs and all(path is None for path in result.paths) else 0
+
+
+def _input_images(args: argparse.Namespace) -> list:
+    from flux2.sampling import open_image
+
+    images = [open_image(path, f"input image {i}") for i, path in enumerate(args.image)]
+    if args.match_image_size is not None:
+        if args.width is not None or args.height is not None:
+            raise ValueError("give either --width/--height or --match-image-size, not both")
+        if not 0 <= args.match_image_size < len(images):
+            raise ValueError(f"--match-image-size {args.match_image_size}: there are {len(images)} input images")
+    return images
 
 
 def report(result, as_json: bool) -> None:

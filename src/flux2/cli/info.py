@@ -24,7 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     for path in args.image:
         found = inspect(path)
-        print(json.dumps(found) if args.json else describe(found))
+        print(json.dumps(found) if args.json else summary(found))
     return 0
 
 
@@ -60,7 +60,7 @@ def _watermark(image, record: dict | None) -> dict:
     return {"detected": best.detected, "method": best.method, "bit_accuracy": round(best.bit_accuracy, 4)}
 
 
-def describe(found: dict) -> str:
+def summary(found: dict) -> str:
     width, height = found["size"]
     lines = [f"{found['path']}: {width}x{height} {found['format']}"]
     record = found["record"]

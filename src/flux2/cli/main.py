@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (repl, generate, models, info):
         command.add_parsers(sub)
+    for subparser in sub.choices.values():  # --verbose also after the subcommand, where users type it
+        subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     log = _show_logs(args.verbose)
     if args.command is None:
         if not sys.stdin.isatty():  # the REPL needs a person at a terminal; scripts name a subcommand
+            print("flux2: no terminal for the interactive session: name a subcommand (or run `flux2 repl`)\n",
+                  file=sys.stderr)  # fmt: skip
             parser.print_help(sys.stderr)
             return 2
         args = parser.parse_args([*(["--verbose"] if args.verbose else []), "repl"])

@@ -41,6 +41,36 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
 
 
+def check_device(device: str | None) -> None:
+    """A device that is not there fails now, with what to do, rather than deep inside torch later."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device must be cuda, cuda:N, mps or cpu, got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU; leave --device out to use the CPU")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: Apple MPS is not available here; leave --device out to use the CPU")
+
+
+def warn_unused_options(args: argparse.Namespace) -> None:
+    """Options that only mean something with another one: say so rather than ignore them."""
+    unused = {
+        "--nsfw-model": args.nsfw_model and args.safety == "off",
+        "--nsfw-threshold": args.nsfw_threshold is not None and args.safety == "off",
+        "--upsample-model": args.upsample_model and args.upsample == "none",
+        "--upsample-url": args.upsample_url and args.upsample != "openrouter",
+    }
+    for option, ignored in unused.items():
+        if ignored:
+            needs = "--safety" if option.startswith("--nsfw") else "--upsample"
+            print(f"warning: {option} has no effect without {needs}", file=sys.stderr)
+
+
 def model_name(args: argparse.Namespace) -> str:
     """The registry name asked for; an unknown name fails here, before anything loads."""
     return model_info(args.model or DEFAULT_MODEL).name
@@ -52,6 +82,8 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
 
     from flux2.pipeline import DEFAULT_WATERMARK, Flux2Pipeline
 
+    check_device(args.device)
+    warn_unused_options(args)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = Flux2Pipeline(
         name, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload,
@@ -60,11 +92,11 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
     )  # fmt: skip
     if pipe.device.type == "cpu" and not pipe.info.is_tiny:
         print("note: no GPU found, running on the CPU: expect minutes per image", file=sys.stderr)
-    pipe.upsampler = make_upsampler(args, pipe, args.upsample)
+    pipe.upsampler = upsampler_for(args, pipe, args.upsample)
     return pipe
 
 
-def make_upsampler(args: argparse.Namespace, pipe, mode: str, model: str | None = None, **options):
+def upsampler_for(args: argparse.Namespace, pipe, mode: str, model: str | None = None, **options):
     """The upsampler for `mode`; on [dev] the loaded Mistral encoder does local upsampling, as in the reference."""
     from flux2.text_encoder import Mistral3SmallEmbedder
     from flux2.upsampling import make_upsampler

@@ -10,12 +10,13 @@ import os
 import shlex
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from flux2.cli.config import Config, format_config, parse_key_values, updated, validate
-from flux2.cli.options import add_feature_options, add_model_options, make_upsampler, open_pipeline
-from flux2.cli.output import FORMATS, output_target
-from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO, model_info
+from flux2.cli.options import add_feature_options, add_model_options, open_pipeline, upsampler_for
+from flux2.cli.output import FORMATS, Target, output_target
+from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO, ModelInfo, model_info
 
 COMMANDS = {"run", "show", "reset", "quit", "q", "exit", "help", "h", "?"}
 HISTORY_FILE = Path("~/.flux2_history")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from flux2.progress import TerminalProgress
 
     with TerminalProgress() as progress:
-        flow_model = _debug_model(info.name) if args.debug_mode else None
+        flow_model = _debug_model(info.name, args.device) if args.debug_mode else None
         pipe = open_pipeline(args, info.name, progress=progress, flow_model=flow_model)
     session = Session(pipe, config, target, args)
     if args.single_eval:
@@ -96,30 +97,35 @@ def choose_model() -> str | None:
         print(f"! unknown model {answer!r}: type a number from 1 to {len(names)} or a name")
 
 
-def starting_config(args: argparse.Namespace, info) -> Config:
+def starting_config(args: argparse.Namespace, info: ModelInfo) -> Config:
     """The reference's startup order: defaults, the model's steps and guidance, the settings, the prompt."""
     overrides = parse_key_values(" ".join(shlex.quote(s) for s in args.settings))
     if bare := [key for key, value in overrides.items() if value is True]:
         raise ValueError(f"starting settings must be key=value, got {' '.join(bare)}")
     if args.upsample != "none":
         overrides.setdefault("upsample_prompt_mode", args.upsample)
+    if args.upsample == "openrouter" and args.upsample_model:
+        overrides.setdefault("openrouter_model", args.upsample_model)
     if args.prompt is not None:
         overrides["prompt"] = args.prompt
     return updated(Config.for_model(info), overrides, info)
 
 
-def _debug_model(name: str):
+def _debug_model(name: str, device: str | None):
     from flux2.util import load_flow_model
 
-    return load_flow_model(name, debug_mode=True, device="cpu")
+    return load_flow_model(name, debug_mode=True, device=device)
 
 
 class Session:
     """The loop around one loaded pipeline: settings in, images out, the pipeline kept between runs."""
 
-    def __init__(self, pipe, config: Config, target, args: argparse.Namespace):
+    def __init__(self, pipe, config: Config, target: Target, args: argparse.Namespace):
         self.pipe, self.config, self.target, self.args = pipe, config, target, args
-        self.upsamplers: dict[tuple[str, str], object] = {}
+        self.upsamplers: dict[tuple[str, str], object] = {}  # made once per (mode, model), kept for the session
+        if pipe.upsampler is not None:  # the one --upsample already loaded
+            self.upsamplers[self._upsampler_key()] = pipe.upsampler
+        self.api_key: str | None = None
 
     def loop(self) -> int:
         enable_line_editing()
@@ -131,10 +137,26 @@ class Session:
             except KeyboardInterrupt:
                 print("\n(quit to leave)")
                 continue
-            if self.handle(line.strip()) == "quit":
+            if self.handle_safely(line.strip()) == "quit":
                 break
         print("bye!")
         return 0
+
+    def handle_safely(self, line: str) -> str | None:
+        """`handle`, where no failure and no Ctrl-C ends the session (the model stays loaded)."""
+        try:
+            return self.handle(line)
+        except KeyboardInterrupt:
+            print("\nstopped; the model is still loaded", file=sys.stderr)
+        except Exception as err:
+            self.report_error(err)
+        return None
+
+    def report_error(self, err: Exception) -> None:
+        if self.args.verbose:
+            traceback.print_exc()
+        print(f"ERROR: {type(err).__name__}: {err}", file=sys.stderr)
+        print("The model is still loaded. Please fix the error and try again.", file=sys.stderr)
 
     def handle(self, line: str) -> str | None:
         if not line:
@@ -153,14 +175,20 @@ class Session:
         except ValueError as err:
             print(f"! {err}")
             return None
-        updates = {key: value for key, value in parsed.items() if value is not True}
-        if updates:
-            self.update(updates)
-        for word in [key for key, value in parsed.items() if value is True]:
-            if word not in COMMANDS:
-                print(f"! Unknown command: {word}")
-            elif self.command(word) == "quit":
+        pending: dict = {}  # settings and commands take effect in the order they were typed
+        for key, value in parsed.items():
+            if value is not True:
+                pending[key] = value
+                continue
+            if pending:
+                self.update(pending)
+                pending = {}
+            if key not in COMMANDS:
+                print(f"! Unknown command: {key}")
+            elif self.command(key) == "quit":
                 return "quit"
+        if pending:
+            self.update(pending)
         return None
 
     def command(self, word: str) -> str | None:
@@ -216,10 +244,7 @@ class Session:
         except KeyboardInterrupt:
             print("\nstopped; the model is still loaded", file=sys.stderr)
         except Exception as err:
-            if self.args.verbose:
-                traceback.print_exc()
-            print(f"ERROR: {type(err).__name__}: {err}", file=sys.stderr)
-            print("The model is still loaded. Please fix the error and try again.", file=sys.stderr)
+            self.report_error(err)
         return False
 
     def _generate(self) -> None:
@@ -247,6 +272,8 @@ class Session:
                 print(f"Upsampled prompt: {record.upsampled_prompt}")
             elif record.upsampling_error:
                 print(f"! upsampling failed, used the prompt as given: {record.upsampling_error}")
+                print("! prompt upsampling is off now (upsample_prompt_mode=... turns it back on)")
+                self.config = replace(self.config, upsample_prompt_mode="none")
             if out.flagged is not None:
                 print("Your output has been flagged. Please choose another prompt / input image combination")
             else:
@@ -254,25 +281,35 @@ class Session:
         if result.cancelled:
             print("Cancelled; the model is still loaded.")
 
+    def _upsampler_key(self) -> tuple[str, str]:
+        mode = self.config.upsample_prompt_mode
+        return mode, self.config.openrouter_model if mode == "openrouter" else ""
+
     def upsampler(self):
-        """The upsampler for the current mode, made once per (mode, model); OpenRouter asks for a missing key."""
+        """The upsampler for the current mode, made once per (mode, model). OpenRouter asks for a missing key
+        once; an upsampler that cannot be made turns upsampling off for the session, as in the reference."""
+        if self.config.upsample_prompt_mode == "none":
+            return None
+        key = self._upsampler_key()
+        if key not in self.upsamplers:
+            try:
+                self.upsamplers[key] = self._make_upsampler()
+            except Exception as err:
+                print(f"! prompt upsampling is off: {type(err).__name__}: {err}")
+                self.config = replace(self.config, upsample_prompt_mode="none")
+                return None
+        return self.upsamplers[key]
+
+    def _make_upsampler(self):
         from flux2.upsampling import OPENROUTER_API_KEY_ENV
 
-        mode, model = self.config.upsample_prompt_mode, self.config.openrouter_model
-        if mode == "none":
-            return None
-        key = (mode, model if mode == "openrouter" else "")
-        if key not in self.upsamplers:
-            options = {}
-            if mode == "openrouter":
-                api_key = os.environ.get(OPENROUTER_API_KEY_ENV) or ask_api_key()
-                if not api_key:
-                    print("No API key: prompt upsampling is off.")
-                    self.config = Config(**{**self.config.__dict__, "upsample_prompt_mode": "none"})
-                    return None
-                options = {"api_key": api_key, "model": model}
-            self.upsamplers[key] = make_upsampler(self.args, self.pipe, mode, **options)
-        return self.upsamplers[key]
+        mode = self.config.upsample_prompt_mode
+        if mode != "openrouter":
+            return upsampler_for(self.args, self.pipe, mode)
+        self.api_key = self.api_key or os.environ.get(OPENROUTER_API_KEY_ENV) or ask_api_key()
+        if not self.api_key:
+            raise ValueError("no OpenRouter API key")
+        return upsampler_for(self.args, self.pipe, mode, model=self.config.openrouter_model, api_key=self.api_key)
 
 
 def ask_api_key() -> str:

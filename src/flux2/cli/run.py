@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux2.cli.output import save_image
+from flux2.cli.output import Target, save_image
 from flux2.pipeline import Flux2Pipeline, GeneratedImage, GenerationCancelled
 from flux2.progress import TerminalProgress
 
@@ -42,7 +42,7 @@ def cancel_on_interrupt() -> Iterator[threading.Event]:
 
 
 def generate_and_save(
-    pipe: Flux2Pipeline, target: tuple[Path, str | None, str], *, sidecar: bool, show_progress: bool, **request
+    pipe: Flux2Pipeline, target: Target, *, sidecar: bool, show_progress: bool, **request
 ) -> RunResult:
     """Run `pipe.generate(**request)` and save every image it returns, including those finished before a
     cancellation."""
