@@ -285,3 +285,18 @@ def test_ip_adapter_tokens_stay_out_of_the_unconditional_pass(ip_pipe, source):
         ip_pipe.generate("a fox", true_cfg_scale=2.0, cfg_mode="batched", ip_adapter_images=[source])
     with pytest.raises(ValueError, match="ip_adapter_scale must be a finite number >= 0"):
         ip_pipe.generate("a fox", ip_adapter_images=[source], ip_adapter_scale=-1)
+
+
+def test_true_cfg_on_dev_keeps_its_embedded_guidance_in_both_halves(parts):
+    from dataclasses import replace as replaced
+
+    from flux2.registry import TINY_PARAMS
+    from flux2.tiny import random_flow_model
+
+    dev_like = random_flow_model(replaced(TINY_PARAMS, use_guidance_embed=True), seed=2)
+    dev = Flux2Pipeline("flux.2-dev", **{**parts, "flow_model": dev_like})
+    with model_inputs(dev) as calls:
+        [out] = dev.generate("a fox", width=32, height=32, num_steps=2, guidance=2.5, true_cfg_scale=3.0, seed=1)
+    assert [args[0].shape[0] for args, _ in calls] == [2, 2]  # [uncond; cond] batched
+    assert all(args[5].tolist() == [2.5, 2.5] for args, _ in calls)  # the embedded guidance, in both halves
+    assert (out.record.guidance, out.record.true_cfg_scale) == (2.5, 3.0)
