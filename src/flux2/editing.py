@@ -10,14 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 from torch import Tensor
 
 from flux2.sampling import PIXELS_PER_TOKEN
 
 WORK_PIXELS = 1024**2  # diffusers' inpaint cap: larger images are edited at about 1 MP and scaled back
-MASK_MODES = ("L", "1", "I", "I;16", "F")  # single-channel PIL modes
+MASK_WHITE = {"1": 255, "L": 255, "I;16": 65535, "I": 65535, "F": 1.0}  # single-channel modes and their white
 ASPECT_TOLERANCE = 0.02  # a mask may differ in size from its image, not in shape
+MAX_CROP_ASPECT = 4  # a crop around a thin mask is widened to at most this aspect ratio
 
 
 def check_strength(strength: float) -> float:
@@ -26,9 +27,11 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
-def working_size(width: int, height: int, max_pixels: int = WORK_PIXELS) -> tuple[int, int]:
-    """The size the model edits at: scaled down to `max_pixels` if larger (aspect kept), floored to 16 px."""
-    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+def working_size(width: int, height: int, max_pixels: int = WORK_PIXELS, upscale: bool = False) -> tuple[int, int]:
+    """The size the model edits at: scaled down to `max_pixels` if larger (and up to it with `upscale`, for a
+    crop), aspect kept, floored to 16 px."""
+    scale = math.sqrt(max_pixels / (width * height))
+    scale = scale if upscale else min(1.0, scale)
     w, h = (int(side * scale) // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN for side in (width, height))
     if w < PIXELS_PER_TOKEN or h < PIXELS_PER_TOKEN:
         raise ValueError(f"image is {width}x{height} px: both sides must be at least {PIXELS_PER_TOKEN} px")
@@ -40,31 +43,43 @@ def binary_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
 
     It must be one channel; another size is resized if its shape matches the image's.
     """
-    if mask.mode not in MASK_MODES:
-        raise ValueError(
-            f"mask must be a single-channel (greyscale) image, got mode {mask.mode!r}: white marks what to "
-            "regenerate, black what to keep (convert with image.convert('L'))"
-        )
+    mask = _single_channel(mask)
     if mask.size != size:
         (mw, mh), (w, h) = mask.size, size
         if abs(mw / mh - w / h) > ASPECT_TOLERANCE * (w / h):
             raise ValueError(f"mask is {mw}x{mh} px but the image is {w}x{h} px: give a mask of the image's shape")
         mask = mask.resize(size, Image.Resampling.NEAREST)
-    grey = np.asarray(mask.convert("F") if mask.mode in ("I", "I;16", "F") else mask.convert("L"), dtype=np.float32)
-    top = 255.0 if mask.mode != "F" else 1.0
-    return Image.fromarray(np.where(grey >= top / 2, 255, 0).astype(np.uint8), mode="L")
+    grey = np.asarray(mask.convert("L") if mask.mode == "1" else mask, dtype=np.float32)
+    return Image.fromarray(np.where(grey >= MASK_WHITE[mask.mode] / 2, 255, 0).astype(np.uint8), mode="L")
 
 
-def feathered(mask: Image.Image, radius: float) -> Image.Image:
-    """A soft edge `radius` px wide or so, laid outside the mask: the mask is grown by `radius`, then blurred
-    (sigma radius / 3), so all of the white area stays fully white and the kept area turns exactly black from
-    about 2 x radius past the edge."""
+def _single_channel(mask: Image.Image) -> Image.Image:
+    """The mask's one channel; an RGB(A) or palette image whose colour channels are all equal (a grey mask saved
+    as colour, as many editors do) counts as one, if fully opaque."""
+    if mask.mode in MASK_WHITE:
+        return mask
+    if mask.mode in ("RGB", "RGBA", "P", "LA", "PA"):
+        pixels = np.asarray(mask.convert("RGBA"))
+        if (pixels[..., 3] == 255).all() and (pixels[..., :1] == pixels[..., 1:3]).all():
+            return Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
+    raise ValueError(
+        f"mask must be a single-channel (greyscale) image, got mode {mask.mode!r} with colours or transparency: "
+        "white marks what to regenerate, black what to keep (convert with image.convert('L'))"
+    )
+
+
+def feathered(mask: Image.Image, radius: float, inward: bool = False) -> Image.Image:
+    """A soft edge about `radius` px wide. Outward (for the latents) the white area stays fully white and the edge
+    lies in the kept area; inward (for the final composite) every black pixel stays black, so the kept pixels are
+    exactly the source, and the edge lies in the regenerated area."""
     if not isinstance(radius, int | float) or radius < 0:
         raise ValueError(f"mask_blur must be a number of px >= 0, got {radius!r}")
     if radius == 0:
         return mask
-    grown = mask.filter(ImageFilter.MaxFilter(2 * math.ceil(radius) + 1))
-    return grown.filter(ImageFilter.GaussianBlur(radius / 3))
+    size = 2 * math.ceil(radius / 2) + 1  # move the edge by half the radius, then blur across the other half
+    moved = mask.filter(ImageFilter.MinFilter(size) if inward else ImageFilter.MaxFilter(size))
+    soft = moved.filter(ImageFilter.GaussianBlur(radius / 6))
+    return ImageChops.darker(soft, mask) if inward else ImageChops.lighter(soft, mask)
 
 
 def latent_mask(mask: Image.Image, width: int, height: int) -> Tensor:
@@ -99,16 +114,28 @@ class Box:
 
 
 def mask_box(mask: Image.Image, padding: int) -> Box | None:
-    """The mask's bounding box grown by `padding` px on every side, within the image; None for an empty mask."""
-    if padding < 0:
-        raise ValueError(f"crop padding must be >= 0 px, got {padding}")
+    """The mask's bounding box grown by `padding` px on every side, its short side widened to at most
+    MAX_CROP_ASPECT : 1 and to at least 64 px, within the image; None for an empty mask."""
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"crop_padding must be a whole number of px >= 0, got {padding!r}")
     bbox = mask.getbbox()
     if bbox is None:
         return None
     left, top, right, bottom = bbox
     width, height = mask.size
-    left, top = max(0, left - padding), max(0, top - padding)
-    return Box(left, top, min(width, right + padding), min(height, bottom + padding))
+    box_w, box_h = right - left + 2 * padding, bottom - top + 2 * padding
+    want_w = max(box_w, math.ceil(box_h / MAX_CROP_ASPECT), 64)
+    want_h = max(box_h, math.ceil(box_w / MAX_CROP_ASPECT), 64)
+    x0, x1 = _span((left + right) / 2, want_w, width)
+    y0, y1 = _span((top + bottom) / 2, want_h, height)
+    return Box(x0, y0, x1, y1)
+
+
+def _span(centre: float, length: int, limit: int) -> tuple[int, int]:
+    """[start, end) of `length` around `centre`, shifted to lie within [0, limit)."""
+    length = min(length, limit)
+    start = min(max(0, round(centre - length / 2)), limit - length)
+    return start, start + length
 
 
 def outpaint_canvas(

@@ -1,13 +1,14 @@
 """IP-Adapter for FLUX.2: an image prompt as a few extra tokens on the transformer's text stream.
 
     image --CLIP image processor--> pixels --CLIPVisionModelWithProjection--> image_embeds [N, D]
-          --ImageProjection (Linear, reshape, LayerNorm)--> [N, T, H] --concatenate--> [1, N * T, H] * scale
+          --ImageProjection (Linear, reshape, LayerNorm)--> [N, T, H] --concatenate--> [1, N * T, H]
 
 D is the image encoder's projection dim (768 for the default openai/clip-vit-large-patch14), T the number of tokens
 per image (4 by default, read from the weights), H the transformer's hidden size (3072 klein-4B, 4096 klein-9B,
 6144 [dev], 64 tiny). The caller appends the tokens to the text stream after `txt_in`. Several images give their
 tokens one after another (image 0's T tokens first), rather than one averaged embedding, so each image keeps its
-own tokens. A scale of 0 gives no tokens at all (None): exactly the run without the adapter.
+own tokens. `ip_adapter_scale` is applied by the sampler (flux2.sampling): the velocity moves from the run
+without the tokens (0) to the run with them (1) and beyond; 0 is exactly the run without the adapter.
 
 Weights format: one .safetensors file with exactly these keys (T, H and D are read from the shapes):
     image_proj.proj.weight  [T * H, D]      image_proj.norm.weight  [H]
@@ -265,11 +266,11 @@ class IPAdapter:
         return embeds.to(self.device, self.dtype)
 
     @torch.no_grad()
-    def tokens(self, images: Sequence[Image.Image], scale: float = 1.0) -> Tensor | None:
-        """[1, num_tokens * len(images), hidden]: image 0's tokens, then image 1's, ..., times `scale`.
-        None when scale is 0: no tokens at all, exactly the run without the adapter."""
-        scale = check_scale(scale)
-        if scale == 0:
-            return None
+    def tokens(self, images: Sequence[Image.Image]) -> Tensor:
+        """[1, num_tokens * len(images), hidden]: image 0's tokens, then image 1's, ...
+
+        How much they count (`ip_adapter_scale`) is applied by the sampler to the velocity, not here: the
+        transformer re-normalises the text stream in every block, so scaled tokens would change almost nothing.
+        """
         tokens = self.image_proj(self.embeds(images))  # [N, T, H]
-        return scale * tokens.reshape(1, -1, tokens.shape[-1])
+        return tokens.reshape(1, -1, tokens.shape[-1])

@@ -106,6 +106,7 @@ class GenerationRecord:
     mode: str = "generate"  # "generate" | "img2img" | "inpaint" | "outpaint"
     strength: float | None = None  # how far back on the schedule an edit of a source image started
     source: str | None = None  # sha256 of the source image's RGB pixels (img2img, inpaint, outpaint)
+    edit: dict | None = None  # how an edit was set up: mask sha256, mask_blur, crop_padding, margins, work_size
     true_cfg_scale: float | None = None  # opt-in true CFG on a distilled model or [dev]
     ip_adapter_scale: float | None = None
     watermark: str | None = None  # the invisible-watermark method embedded, if any
@@ -162,6 +163,11 @@ class _Source:
     work_mask: Image.Image | None = None  # soft mask at the working size (inpainting), white = regenerate
     mask: Image.Image | None = None  # soft mask at the source's size, for the pixel composite
     region: Box | None = None  # the crop being edited, in source pixels (None: all of it)
+    settings: dict = field(default_factory=dict)  # how the edit was set up, for the record
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.image.size if self.mask is not None else self.work.size
 
     def paste(self, generated: Image.Image) -> Image.Image:
         """Inpainting: the generated region scaled back into the source, the kept pixels exactly the source's."""
@@ -176,6 +182,10 @@ class _Source:
 ProgressCallback = Callable[[Progress], None]
 ImageInput = Image.Image | str | Path
 CFG_MODES = ("auto", "batched", "sequential")
+EDIT_OPTIONS = frozenset({
+    "num_steps", "guidance", "seed", "num_images", "negative_prompt", "reference_images", "true_cfg_scale",
+    "cfg_mode", "ip_adapter_images", "ip_adapter_scale", "upsample", "callback", "cancel",
+})  # fmt: skip
 
 
 class Flux2Pipeline:
@@ -333,7 +343,8 @@ class Flux2Pipeline:
         """
         source = _open_image(image, "source image")
         work = source.resize(working_size(*source.size, max_pixels), Image.Resampling.LANCZOS)
-        return self._edit(prompt, _Source("img2img", source, work, check_strength(strength)), kwargs)
+        edit = _Source("img2img", source, work, check_strength(strength), settings={"max_pixels": max_pixels})
+        return self._edit(prompt, edit, kwargs)
 
     def inpaint(
         self,
@@ -350,16 +361,19 @@ class Flux2Pipeline:
     ) -> list[GeneratedImage]:
         """Regenerate where the mask is white and keep the source exactly where it is black.
 
-        The source image is also a reference for the model (`source_as_reference`). `mask_blur` feathers the
-        mask's edge by that many pixels, in the latents and in the final composite. `crop_padding` edits only
-        the mask's bounding box grown by that many pixels (at up to `max_pixels`) and pastes it back: a small
+        The source image is also a reference for the model (`source_as_reference`). `mask_blur` softens the
+        mask's edge over about twice that many pixels: outward in the latents (the model blends into the kept
+        area), inward in the final composite (every black pixel stays the source's). `crop_padding` edits only
+        the mask's bounding box grown by that many pixels, scaled to `max_pixels`, and pastes it back: a small
         edit in a large photo runs at a sensible size. `strength` < 1 starts the masked region from the noised
         source. Other keyword arguments as for `generate` (extra `reference_images` follow the source).
         """
         source = _open_image(image, "source image")
         hard = binary_mask(_open_mask(mask), source.size)
-        return self._inpaint("inpaint", prompt, source, hard, strength, mask_blur, source_as_reference,
-                             crop_padding, max_pixels, kwargs)  # fmt: skip
+        settings = {"mask": image_sha256(hard), "mask_blur": mask_blur, "crop_padding": crop_padding}
+        return self._inpaint("inpaint", prompt, source, hard, strength=strength, mask_blur=mask_blur,
+                             as_reference=source_as_reference, crop_padding=crop_padding, max_pixels=max_pixels,
+                             settings=settings, kwargs=kwargs)  # fmt: skip
 
     def outpaint(
         self,
@@ -370,35 +384,49 @@ class Flux2Pipeline:
         right: int = 0,
         top: int = 0,
         bottom: int = 0,
+        strength: float = 1.0,
         mask_blur: float = 8.0,
+        source_as_reference: bool = True,
         max_pixels: int = WORK_PIXELS,
         **kwargs,
     ) -> list[GeneratedImage]:
         """Extend the canvas by the given pixels on each side and fill the new border by inpainting.
 
-        The new canvas must be a multiple of 16 px each way. Other keyword arguments as for `inpaint`.
+        The new canvas must be a multiple of 16 px each way; the original pixels stay exactly as they were.
+        Other keyword arguments as for `generate`.
         """
-        canvas, mask = outpaint_canvas(_open_image(image, "source image"), left, right, top, bottom)
-        return self._inpaint("outpaint", prompt, canvas, mask, kwargs.pop("strength", 1.0), mask_blur,
-                             kwargs.pop("source_as_reference", True), None, max_pixels, kwargs)  # fmt: skip
+        original = _open_image(image, "source image")
+        canvas, mask = outpaint_canvas(original, left, right, top, bottom)
+        margins = {"left": left, "right": right, "top": top, "bottom": bottom}
+        settings = {"original": image_sha256(original), **margins, "mask_blur": mask_blur}
+        return self._inpaint("outpaint", prompt, canvas, mask, strength=strength, mask_blur=mask_blur,
+                             as_reference=source_as_reference, crop_padding=None, max_pixels=max_pixels,
+                             settings=settings, kwargs=kwargs)  # fmt: skip
 
-    def _inpaint(self, mode, prompt, source, hard, strength, mask_blur, as_reference, crop_padding, max_pixels,
-                 kwargs) -> list[GeneratedImage]:  # fmt: skip
-        soft = feathered(hard, mask_blur)
+    def _inpaint(
+        self, mode: str, prompt: str, source: Image.Image, hard: Image.Image, *, strength: float, mask_blur: float,
+        as_reference: bool, crop_padding: int | None, max_pixels: int, settings: dict, kwargs: dict,
+    ) -> list[GeneratedImage]:  # fmt: skip
         region = None
-        if crop_padding is not None:  # the box holds the whole feathered edge
+        if crop_padding is not None:  # the box holds the whole soft edge
             region = mask_box(hard, crop_padding + math.ceil(2 * mask_blur))
         box = region or Box(0, 0, *source.size)
-        work_size = working_size(*box.size, max_pixels)
+        work_size = working_size(*box.size, max_pixels, upscale=region is not None)
         work = source.crop(box.as_tuple()).resize(work_size, Image.Resampling.LANCZOS)
-        scale = work_size[0] / box.size[0]
-        work_mask = feathered(hard.crop(box.as_tuple()).resize(work_size, Image.Resampling.NEAREST), mask_blur * scale)
-        edit = _Source(mode, source, work, check_strength(strength), as_reference, work_mask, soft, region)
+        work_hard = hard.crop(box.as_tuple()).resize(work_size, Image.Resampling.NEAREST)
+        work_mask = feathered(work_hard, mask_blur * work_size[0] / box.size[0])
+        composite_mask = feathered(hard, mask_blur, inward=True)
+        settings = {**settings, "source_as_reference": as_reference, "work_size": list(work_size)}
+        edit = _Source(mode, source, work, check_strength(strength), as_reference, work_mask, composite_mask, region,
+                       settings)  # fmt: skip
         return self._edit(prompt, edit, kwargs)
 
     def _edit(self, prompt: str, source: _Source, kwargs: dict) -> list[GeneratedImage]:
         if given := sorted({"width", "height", "match_image_size"} & kwargs.keys()):
             raise ValueError(f"{source.mode} takes its size from the source image: do not pass {', '.join(given)}")
+        if unknown := sorted(kwargs.keys() - EDIT_OPTIONS):
+            allowed = ", ".join(sorted(EDIT_OPTIONS))
+            raise ValueError(f"{source.mode} does not take {', '.join(unknown)}; it takes {allowed}")
         upsample, callback, cancel = kwargs.pop("upsample", True), kwargs.pop("callback", None), kwargs.pop(
             "cancel", None)  # fmt: skip
         request = self._request(prompt, width=source.work.width, height=source.work.height, **kwargs)
@@ -415,8 +443,8 @@ class Flux2Pipeline:
         outputs: list[GeneratedImage] = []
         with torch.inference_mode():
             txt, txt_ids = self._encode_text(request, report)
-            refs, ref_ids = self._encode_references(request, report)
             start = self._encode_source(request)
+            refs, ref_ids = self._encode_references(request, start, report)
             ip_tokens = self._ip_tokens(request)
             # One image at a time: image i is exactly what a single run with seed + i gives.
             with self._resident(self.flow_model, self.ae):
@@ -469,13 +497,16 @@ class Flux2Pipeline:
             check_scale(ip_adapter_scale)
         if ip_images and self.ip_adapter is None:
             raise ValueError("ip_adapter_images need an IP-Adapter: Flux2Pipeline(..., ip_adapter=IPAdapter...)")
-        if ip_images and cfg_mode == "batched" and (self.info.uses_cfg or true_cfg_scale is not None):
+        cfg = float(guidance) if self.info.uses_cfg else true_cfg_scale
+        if cfg == 1.0:  # uncond + 1 * (cond - uncond) is the conditional pass alone: run just that
+            cfg = None
+        if ip_images and ip_adapter_scale != 0 and cfg_mode == "batched" and cfg is not None:
             raise ValueError("IP-Adapter tokens stay out of the unconditional pass: use cfg_mode sequential or auto")
         seed = random.randrange(2**31) if seed is None else seed
         return _Request(
             prompt, width, height, num_steps, float(guidance), seeds=[seed + i for i in range(num_images)],
             negative_prompt=negative_prompt or None,  # "" is the default negative, not a request
-            references=references, cfg=float(guidance) if self.info.uses_cfg else true_cfg_scale,
+            references=references, cfg=cfg,
             cfg_mode=cfg_mode, ip_images=ip_images, ip_scale=ip_adapter_scale,
         )  # fmt: skip
 
@@ -504,21 +535,22 @@ class Flux2Pipeline:
         report(Progress("encode_text", 1, 1))
         return batched_prc_txt(ctx)
 
-    def _encode_references(self, request: _Request, report: "_Reporter") -> tuple[Tensor | None, Tensor | None]:
-        """The reference tokens: an inpainting source first (t = 10, exactly its latents), then the references."""
-        source = request.source if request.source is not None and request.source.as_reference else None
+    def _encode_references(self, request: _Request, start, report: "_Reporter") -> tuple[Tensor | None, Tensor | None]:
+        """The reference tokens: an edit's source first (t = 10: exactly the latents it starts from), then the
+        reference images."""
+        source = start if start is not None and request.source.as_reference else None
         if not request.references and source is None:
             return None, None
         report(Progress("encode_references", 0, 1))
         parts = []
-        with self._resident(self.ae):
-            if source is not None:
-                parts.append(batched_prc_img(self._ae_encode(source.work), t_coord=torch.tensor([REF_TIME_SCALE])))
-            if request.references:
-                refs, ref_ids = encode_image_refs(self.ae, request.references, dtype=self.dtype)
-                if source is not None:  # the source holds t = 10; the references move up one slot
-                    ref_ids = ref_ids + torch.tensor([REF_TIME_SCALE, 0, 0, 0])
-                parts.append((refs, ref_ids))
+        if source is not None:
+            tokens, ids, _ = source
+            ids = ids.clone()
+            ids[..., 0] = REF_TIME_SCALE  # the grid of the target, one reference slot along in time
+            parts.append((tokens, ids))
+        if request.references:
+            with self._resident(self.ae):
+                parts.append(encode_image_refs(self.ae, request.references, self.dtype, slots_taken=len(parts)))
         report(Progress("encode_references", 1, 1))
         refs = torch.cat([tokens.to(self.device, self.dtype) for tokens, _ in parts], dim=1)
         return refs, torch.cat([ids.to(self.device) for _, ids in parts], dim=1)
@@ -528,23 +560,26 @@ class Flux2Pipeline:
         param = next(self.ae.parameters())
         return self.ae.encode(image_to_tensor(image)[None].to(param.device, param.dtype))
 
-    def _encode_source(self, request: _Request) -> tuple[Tensor, Tensor | None] | None:
-        """Image-to-image and inpainting: the source's packed latents [1, L, C] and the latent mask [1, L, 1]."""
+    def _encode_source(self, request: _Request) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """Image-to-image and inpainting: the source's packed latents [1, L, C], their ids, and the latent mask
+        [1, L, 1] (None for image-to-image)."""
         source = request.source
         if source is None:
             return None
         with self._resident(self.ae):
-            latents, _ = batched_prc_img(self._ae_encode(source.work))
+            latents, ids = batched_prc_img(self._ae_encode(source.work))
         mask = None
         if source.work_mask is not None:
             mask = latent_mask(source.work_mask, *source.work.size).to(self.device, self.dtype)
-        return latents.to(self.device, self.dtype), mask
+            if mask.max() == 0 and source.work_mask.getbbox() is not None:
+                log.warning("the mask is too thin to reach the centre of any 16 px block: nothing will be "
+                            "regenerated; use mask_blur > 0 or a wider mask")  # fmt: skip
+        return latents.to(self.device, self.dtype), ids, mask
 
     def _ip_tokens(self, request: _Request) -> Tensor | None:
-        if not request.ip_images:
+        if not request.ip_images or request.ip_scale == 0:
             return None
-        tokens = self.ip_adapter.tokens(request.ip_images, request.ip_scale)
-        return None if tokens is None else tokens.to(self.device, self.dtype)
+        return self.ip_adapter.tokens(request.ip_images).to(self.device, self.dtype)
 
     def _noise(self, request: _Request, seed: int) -> tuple[Tensor, Tensor]:
         """Seeded noise drawn on the CPU in float32 in the patchified layout [1, C, h, w], then packed and
@@ -561,7 +596,7 @@ class Flux2Pipeline:
         timesteps = get_schedule(request.num_steps, x.shape[1])
         blend = None
         if start is not None:  # image-to-image / inpainting: start part-way, from the noised source
-            source, mask = start
+            source, _, mask = start
             noise, timesteps = x, truncated_schedule(timesteps, request.source.strength)
             x = noised(source, noise, timesteps[0])
             if mask is not None:  # the kept region follows the source, re-noised with the same noise
@@ -573,15 +608,20 @@ class Flux2Pipeline:
             if i > 0:
                 report(Progress("denoise", i, total))
 
-        common = dict(callback=on_step, blend=blend, txt_extra=ip_tokens)
+        common = dict(callback=on_step, blend=blend, txt_extra=ip_tokens, txt_extra_scale=request.ip_scale)
         args = (self.flow_model, x, x_ids, txt, txt_ids, timesteps)
         if request.cfg is None:
-            loop = denoise_cached if self.info.use_kv_cache and refs is not None else denoise
+            loop = denoise_cached if self._kv_path(request, refs is not None) else denoise
             x = loop(*args, request.guidance, refs, ref_ids, **common)
         else:
             x = self._denoise_cfg(request, args, refs, ref_ids, common, report, steps)
         report(Progress("denoise", steps, steps))
         return x, x_ids
+
+    def _kv_path(self, request: _Request, has_refs: bool) -> bool:
+        """The KV loop serves a distilled KV model with references, no CFG, and image-prompt tokens at scale 1."""
+        ip_plain = not request.ip_images or request.ip_scale in (0, 1)
+        return self.info.use_kv_cache and has_refs and request.cfg is None and ip_plain
 
     def _denoise_cfg(self, request, args, refs, ref_ids, common, report, steps) -> Tensor:
         """CFG batched when allowed and memory holds, else one half after the other (the same result)."""
@@ -616,7 +656,8 @@ class Flux2Pipeline:
     def _upsample(self, request: _Request, report: "_Reporter") -> _Request:
         report(Progress("upsample", 0, 1))
         try:
-            result = self.upsampler.upsample(request.prompt, request.references)
+            images = request.references + ([request.source.image] if request.source is not None else [])
+            result = self.upsampler.upsample(request.prompt, images)
         except Exception as err:  # any upsampler, ours or not, must never fail a generation
             log.warning("prompt upsampling failed, generating with the original prompt: %s", err)
             result = UpsampleResult.fallback(request.prompt, f"{type(err).__name__}: {err}")
@@ -640,23 +681,24 @@ class Flux2Pipeline:
         return GeneratedImage(image, self._record(request, seed, watermark=method))
 
     def _record(self, request: _Request, seed: int, watermark: str | None) -> GenerationRecord:
-        upsampled = request.upsampled
+        upsampled, source = request.upsampled, request.source
         return GenerationRecord(
             model=self.info.name,
             prompt=request.prompt,
             seed=seed,
             num_steps=request.num_steps,
             guidance=request.guidance,
-            width=request.width,
-            height=request.height,
+            width=source.output_size[0] if source else request.width,
+            height=source.output_size[1] if source else request.height,
             negative_prompt=request.negative_prompt,
             upsampled_prompt=upsampled.upsampled if upsampled is not None else None,
             upsampling_error=upsampled.error if upsampled is not None else None,
             references=tuple(image_sha256(im) for im in request.references),
-            kv_cache=self.info.use_kv_cache and request.cfg is None and bool(request.references),
-            mode=request.source.mode if request.source is not None else "generate",
-            strength=request.source.strength if request.source is not None else None,
-            source=image_sha256(request.source.image) if request.source is not None else None,
+            kv_cache=self._kv_path(request, bool(request.references) or bool(source and source.as_reference)),
+            mode=source.mode if source else "generate",
+            strength=source.strength if source else None,
+            source=source.settings.get("original", image_sha256(source.image)) if source else None,
+            edit={k: v for k, v in source.settings.items() if k != "original"} if source else None,
             true_cfg_scale=None if self.info.uses_cfg else request.cfg,
             ip_adapter_scale=request.ip_scale if request.ip_images else None,
             watermark=watermark,
@@ -693,7 +735,8 @@ class _Reporter:
 
 
 def _open_image(img: ImageInput, what: str) -> Image.Image:
-    return img if isinstance(img, Image.Image) else open_image(img, what)
+    """An RGB image (a palette or RGBA image given in memory is converted, as files are)."""
+    return img.convert("RGB") if isinstance(img, Image.Image) else open_image(img, what)
 
 
 def _open_mask(mask: ImageInput) -> Image.Image:

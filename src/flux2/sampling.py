@@ -178,15 +178,19 @@ def ref_pixel_limit(num_refs: int) -> int:
 
 @torch.no_grad()
 def encode_image_refs(
-    ae: torch.nn.Module, img_ctx: list[Image.Image], dtype: torch.dtype = torch.bfloat16
+    ae: torch.nn.Module, img_ctx: list[Image.Image], dtype: torch.dtype = torch.bfloat16, *, slots_taken: int = 0
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Encode reference images into one token sequence [1, N, C] with ids [1, N, 4] (t = 10, 20, ...)."""
+    """Encode reference images into one token sequence [1, N, C] with ids [1, N, 4] (t = 10, 20, ...).
+
+    `slots_taken` references come before these (an inpainting source): they count for the pixel cap, and these
+    start at t = 10 * (slots_taken + 1).
+    """
     if not img_ctx:
         return None, None
-    limit = ref_pixel_limit(len(img_ctx))
+    limit = ref_pixel_limit(len(img_ctx) + slots_taken)
     param = next(ae.parameters())
     latents = [ae.encode(default_prep(img, limit)[None].to(param.device, param.dtype))[0] for img in img_ctx]
-    t_coords = [REF_TIME_SCALE + REF_TIME_SCALE * k for k in range(len(latents))]
+    t_coords = [REF_TIME_SCALE * (k + 1 + slots_taken) for k in range(len(latents))]
     tokens, ids = listed_prc_img(latents, t_coord=t_coords)
     return torch.cat(tokens)[None].to(dtype), torch.cat(ids)[None]
 
@@ -288,6 +292,29 @@ def _with_extra(txt_ids: Tensor, txt_extra: Tensor | None) -> tuple[Tensor, dict
     return extra_txt_ids(txt_ids, txt_extra.shape[1]), {"txt_extra": txt_extra}
 
 
+class _ExtraTokens:
+    """Extra text-stream tokens (IP-Adapter) and how much they count. At scale 1 the forward sees them; at other
+    scales the velocity moves from the forward without them (scale 0) along the difference they make, which
+    costs a second forward. (Scaling the tokens themselves would do nothing: every block re-normalises them.)"""
+
+    def __init__(self, txt_ids: Tensor, tokens: Tensor | None, scale: float):
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"txt_extra_scale must be a finite number >= 0, got {scale!r}")
+        self.tokens = None if scale == 0 else tokens
+        self.scale = scale
+        self.ids, self.ids_with = txt_ids, _with_extra(txt_ids, self.tokens)
+
+    def velocity(self, forward: Callable[[Tensor, dict], Tensor]) -> Tensor:
+        """`forward(txt_ids, extra_kwargs)` combined for this scale."""
+        if self.tokens is None:
+            return forward(self.ids, {})
+        with_tokens = forward(*self.ids_with)
+        if self.scale == 1:
+            return with_tokens
+        without = forward(self.ids, {})
+        return without + self.scale * (with_tokens - without)
+
+
 def _twice(t: Tensor | None) -> Tensor | None:
     """Repeat along the batch for the [uncond; cond] halves of CFG."""
     return None if t is None else torch.cat([t, t])
@@ -331,18 +358,20 @@ def denoise(
     callback: StepCallback | None = None,
     blend: Blend | None = None,
     txt_extra: Tensor | None = None,
+    txt_extra_scale: float = 1.0,
 ) -> Tensor:
     """Euler integration from timesteps[0] to timesteps[-1]; returns the denoised packed latents.
 
-    `txt_extra` [B, n, hidden] are extra text-stream tokens (IP-Adapter); `blend` see `euler`.
+    `txt_extra` [B, n, hidden] are extra text-stream tokens (IP-Adapter) counting `txt_extra_scale`;
+    `blend` see `euler`.
     """
     guidance_vec = _guidance_vec(guidance, img)
     img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
-    txt_ids, extra = _with_extra(txt_ids, txt_extra)
+    extra = _ExtraTokens(txt_ids, txt_extra, txt_extra_scale)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         seq, seq_ids = _with_refs(x, img_ids, img_cond_seq, img_cond_seq_ids)
-        return model(seq, seq_ids, t, txt, txt_ids, guidance_vec, **extra)[:, : x.shape[1]]
+        return extra.velocity(lambda ids, kw: model(seq, seq_ids, t, txt, ids, guidance_vec, **kw)[:, : x.shape[1]])
 
     return euler(img, timesteps, velocity, callback, blend)
 
@@ -362,8 +391,11 @@ def denoise_cached(
     callback: StepCallback | None = None,
     blend: Blend | None = None,
     txt_extra: Tensor | None = None,
+    txt_extra_scale: float = 1.0,
 ) -> Tensor:
     """The klein KV loop: reference K/V extracted at the first step and reused at the others."""
+    if txt_extra is not None and txt_extra_scale != 1:
+        raise ValueError("the KV loop takes txt_extra at scale 1 only: use denoise for other scales")
     if img_cond_seq is None or img_cond_seq_ids is None:
         raise ValueError("denoise_cached needs reference tokens (img_cond_seq and img_cond_seq_ids)")
     img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
@@ -397,6 +429,7 @@ def denoise_cfg(
     callback: StepCallback | None = None,
     blend: Blend | None = None,
     txt_extra: Tensor | None = None,
+    txt_extra_scale: float = 1.0,
     batched: bool = True,
     model_guidance: float | None = None,
 ) -> Tensor:
@@ -409,16 +442,17 @@ def denoise_cfg(
     """
     if txt.shape[0] != 2 * img.shape[0]:
         raise ValueError(f"denoise_cfg needs txt = [uncond; cond]: batch {txt.shape[0]} != 2 x {img.shape[0]}")
-    if txt_extra is not None and batched:
+    if txt_extra is not None and txt_extra_scale != 0 and batched:
         raise ValueError("txt_extra goes to the conditional half only: run CFG with batched=False")
     img_cond_seq, img_cond_seq_ids = _batched_refs(img, img_cond_seq, img_cond_seq_ids)
+    extra = _ExtraTokens(txt_ids.chunk(2)[1], txt_extra, txt_extra_scale)
     velocity = (_batched_cfg if batched else _sequential_cfg)(
-        model, img_ids, txt, txt_ids, guidance, img_cond_seq, img_cond_seq_ids, model_guidance, txt_extra
+        model, img_ids, txt, txt_ids, guidance, img_cond_seq, img_cond_seq_ids, model_guidance, extra
     )
     return euler(img, timesteps, velocity, callback, blend)
 
 
-def _batched_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_guidance, txt_extra) -> Velocity:
+def _batched_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_guidance, _extra) -> Velocity:
     img_ids2, refs2, ref_ids2 = _twice(img_ids), _twice(refs), _twice(ref_ids)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
@@ -430,15 +464,14 @@ def _batched_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_gu
     return velocity
 
 
-def _sequential_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_guidance, txt_extra) -> Velocity:
-    (txt_u, txt_c), (ids_u, ids_c) = txt.chunk(2), txt_ids.chunk(2)
-    ids_c, extra = _with_extra(ids_c, txt_extra)
+def _sequential_cfg(model, img_ids, txt, txt_ids, guidance, refs, ref_ids, model_guidance, extra) -> Velocity:
+    (txt_u, txt_c), ids_u = txt.chunk(2), txt_ids.chunk(2)[0]
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         seq, seq_ids = _with_refs(x, img_ids, refs, ref_ids)
         embedded = _guidance_vec(model_guidance, seq)
         uncond = model(seq, seq_ids, t, txt_u, ids_u, embedded)[:, : x.shape[1]]
-        cond = model(seq, seq_ids, t, txt_c, ids_c, embedded, **extra)[:, : x.shape[1]]
+        cond = extra.velocity(lambda ids, kw: model(seq, seq_ids, t, txt_c, ids, embedded, **kw)[:, : x.shape[1]])
         return uncond + guidance * (cond - uncond)
 
     return velocity
