@@ -1,0 +1,58 @@
+"""The studio service's settings: the one source of its defaults. `flux2 serve` options and `FLUX2_STUDIO_*`
+environment variables both land here, so a default lives in exactly one place.
+
+Built where it is used (the CLI, the app factory, a test), never at import time.
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class StudioSettings(BaseSettings):
+    """Settings of `flux2 serve`; each field can be set as `FLUX2_STUDIO_<FIELD>` in the environment.
+
+    Invalid values raise pydantic's `ValidationError`, which names the field, the value and the rule.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLUX2_STUDIO_", validate_default=True)
+
+    host: str = Field("127.0.0.1", min_length=1)  # loopback: exposing the service is an explicit choice
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port (tests)
+    data_dir: Path = Path("studio-data")  # the database (by default) and every media file live here
+    database_url: str | None = None  # None: SQLite in the data folder (see `db_url`)
+    model: str = Field("flux.2-klein-4b", min_length=1)  # checked against the registry when the worker loads it
+    device: str | None = None  # None: CUDA, then MPS, then CPU
+    # Environment: a JSON list or comma-separated origins ("http://localhost:5173,http://127.0.0.1:5173").
+    cors_origins: Annotated[list[str], NoDecode] = []
+    api_token: str | None = None  # when set, requests must send `Authorization: Bearer <token>`
+    segmentation_url: str = Field("http://127.0.0.1:8001", pattern=r"^https?://")  # the SAM service
+    segmentation_timeout_s: float = Field(30.0, gt=0)
+    max_upload_bytes: int = Field(25 * MiB, gt=0)
+    sse_queue_size: int = Field(100, ge=1)  # events kept per client; the oldest is dropped when full
+    sse_keepalive_s: float = Field(15.0, gt=0)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return value
+
+    @field_validator("database_url", "api_token", "device", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def db_url(self) -> str:
+        """The database URL: `database_url`, or SQLite at `{data_dir}/studio.db`."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'studio.db'}"

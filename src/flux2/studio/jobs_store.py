@@ -1,0 +1,280 @@
+"""Job and asset bookkeeping: the only code that changes Job rows.
+
+Every change is one UPDATE guarded by the status it expects (compare and set), and returns whether it applied.
+So two workers racing for a job, a cancel racing a completion, or a job re-run after a crash cannot both win:
+whichever UPDATE lands second matches no row and gets False. Callers act on that answer (a worker whose `start`
+returns False skips the job; one whose `complete_with_asset` returns None throws its output away).
+
+Job lifecycle:
+
+    pending ──start──▶ processing ──complete──▶ completed
+       │                  │ ├──fail──────────▶ failed
+       │                  │ └──mark_cancelled─▶ cancelled   (after cancel() set cancel_requested)
+       ├──fail──▶ failed  └──recover (restart)─▶ pending | failed | cancelled
+       └──cancel──▶ cancelled
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Engine, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from flux2.studio.records import ACTIVE, JOB_TYPES, Asset, Job, JobStatus, new_job_id, utcnow
+from flux2.studio.storage import check_safe_id
+
+# The answers of `JobStore.cancel`, as the cancel route returns them (spec §1.8).
+CANCELLED = "cancelled"
+CANCELLING = "cancelling"
+NOT_FOUND_OR_DONE = "not_found_or_already_done"
+
+REQUEUED_MESSAGE = "re-queued after a restart"
+RESTART_FAILED_MESSAGE = "stopped by a server restart"
+RESTART_CANCELLED_MESSAGE = "cancelled (the server restarted before the job stopped)"
+
+
+class JobStore:
+    """Job rows, changed only by compare-and-set. Thread-safe: each call uses its own connection."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def create(
+        self,
+        type: str,
+        project_id: str | None,
+        prompt: str,
+        params: dict[str, Any],
+        seed: int | None = None,
+        *,
+        job_id: str | None = None,
+    ) -> Job:
+        """A new pending job. `job_id` lets a client name it (the inpaint route takes one); it must be unused and
+        safe in a file name, since outputs are written under it."""
+        if type not in JOB_TYPES:
+            raise ValueError(f"job type must be one of {', '.join(JOB_TYPES)}, got {type!r}")
+        job = Job(
+            id=check_safe_id("job_id", job_id) if job_id is not None else new_job_id(),
+            type=type,
+            project_id=project_id,
+            prompt=prompt,
+            params=dict(params),
+            seed=seed,
+            status=JobStatus.PENDING.value,
+            status_message="Queued",
+        )
+        try:
+            with Session(self._engine, expire_on_commit=False) as session:
+                session.add(job)
+                session.commit()
+        except IntegrityError as error:
+            raise ValueError(f"job_id {job.id!r} is already taken") from error
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with Session(self._engine, expire_on_commit=False) as session:
+            return session.get(Job, job_id)
+
+    def start(self, job_id: str) -> bool:
+        """pending → processing: a worker takes the job. False: someone else took it, or it was cancelled."""
+        return self._set(
+            job_id,
+            [JobStatus.PENDING],
+            status=JobStatus.PROCESSING.value,
+            started_at=utcnow(),
+            attempts=col(Job.attempts) + 1,
+            progress=0,
+            status_message="Starting",
+        )
+
+    def progress(self, job_id: str, progress: int, message: str) -> bool:
+        """Progress (0-100) and a status line, while the job is processing."""
+        if isinstance(progress, bool) or not isinstance(progress, int) or not 0 <= progress <= 100:
+            raise ValueError(f"progress must be an integer in [0, 100], got {progress!r}")
+        return self._set(job_id, [JobStatus.PROCESSING], progress=progress, status_message=message)
+
+    def annotate(self, job_id: str, *, seed: int | None = None, enhanced_prompt: str | None = None) -> bool:
+        """Record the seed chosen or the upsampled prompt as soon as they are known, while processing."""
+        given = {"seed": seed, "enhanced_prompt": enhanced_prompt}
+        values = {key: value for key, value in given.items() if value is not None}
+        if not values:
+            raise ValueError("annotate needs a seed or an enhanced_prompt, got neither")
+        return self._set(job_id, [JobStatus.PROCESSING], **values)
+
+    def complete(
+        self,
+        job_id: str,
+        asset_id: str | None,
+        output_url: str | None,
+        thumbnail_url: str | None,
+        seed: int | None,
+        message: str = "Image ready",
+    ) -> bool:
+        """processing → completed. A cancel requested too late (the work had finished) loses: the job completes.
+        `complete_with_asset` does this and the asset insert in one transaction."""
+        values = _completed(asset_id, output_url, thumbnail_url, seed, message)
+        return self._set(job_id, [JobStatus.PROCESSING], **values)
+
+    def complete_with_asset(
+        self, job_id: str, asset: Asset, seed: int | None, message: str = "Image ready"
+    ) -> Asset | None:
+        """Insert the job's asset and complete the job, together or not at all. Returns the job's asset (the one
+        already recorded for this job, if a crashed run got that far), or None when the job was no longer
+        processing (nothing is written then: the caller removes its files)."""
+        if asset.job_id != job_id:
+            raise ValueError(f"asset.job_id must be the job's id {job_id!r}, got {asset.job_id!r}")
+        with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            guard = _guard(job_id, [JobStatus.PROCESSING])
+            values = _completed(asset.id, asset.url, asset.thumbnail_url, seed, message)
+            if session.execute(update(Job).where(*guard).values(**values)).rowcount != 1:
+                return None
+            existing = session.exec(select(Asset).where(Asset.job_id == job_id)).first()
+            if existing is not None:
+                values = _completed(existing.id, existing.url, existing.thumbnail_url, seed, message)
+                session.execute(update(Job).where(col(Job.id) == job_id).values(**values))
+                return existing
+            session.add(asset)
+        return asset
+
+    def fail(self, job_id: str, message: str) -> bool:
+        """pending | processing → failed, with `message` as the error_message."""
+        return self._set(
+            job_id,
+            [JobStatus.PENDING, JobStatus.PROCESSING],
+            status=JobStatus.FAILED.value,
+            error_message=message,
+            status_message="Failed",
+            finished_at=utcnow(),
+        )
+
+    def cancel(self, job_id: str) -> str:
+        """A user's cancel: a pending job is cancelled at once ("cancelled"); a processing one is flagged and stops
+        at its next step check ("cancelling"); anything else answers "not_found_or_already_done"."""
+        now = utcnow()
+        with self._engine.begin() as connection:
+            cancelled = update(Job).where(*_guard(job_id, [JobStatus.PENDING]))
+            values = {"status": JobStatus.CANCELLED.value, "status_message": "Cancelled", "finished_at": now}
+            if connection.execute(cancelled.values(**values)).rowcount == 1:
+                return CANCELLED
+            flagged = update(Job).where(*_guard(job_id, [JobStatus.PROCESSING]))
+            if connection.execute(flagged.values(cancel_requested=True, status_message="Cancelling")).rowcount == 1:
+                return CANCELLING
+        return NOT_FOUND_OR_DONE
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with Session(self._engine) as session:
+            return bool(session.exec(select(Job.cancel_requested).where(Job.id == job_id)).first())
+
+    def mark_cancelled(self, job_id: str) -> bool:
+        """processing → cancelled: the worker stopped the job."""
+        return self._set(
+            job_id,
+            [JobStatus.PROCESSING],
+            status=JobStatus.CANCELLED.value,
+            status_message="Cancelled",
+            finished_at=utcnow(),
+        )
+
+    def active(self, project_id: str | None = None) -> list[Job]:
+        """Pending and processing jobs (of one project, if given), oldest first."""
+        query = select(Job).where(col(Job.status).in_([s.value for s in ACTIVE]))
+        if project_id is not None:
+            query = query.where(Job.project_id == project_id)
+        return self._list(query)
+
+    def pending(self) -> list[Job]:
+        """Pending jobs, oldest first: the queue."""
+        return self._list(select(Job).where(Job.status == JobStatus.PENDING.value))
+
+    def recover(self, max_attempts: int = 2) -> list[Job]:
+        """After a crash or restart, give every job left active a clear state, and return the queue to rebuild
+        (pending jobs, oldest first).
+
+        A job whose cancel was requested is cancelled; a processing job goes back to pending if it started fewer
+        than `max_attempts` times, else it fails (a job that keeps crashing the server is not retried forever).
+        Assumes no worker is running: call it at startup, before the worker takes jobs.
+        """
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        now = utcnow()
+        active = col(Job.status).in_([s.value for s in ACTIVE])
+        processing = col(Job.status) == JobStatus.PROCESSING.value
+        with self._engine.begin() as connection:
+            connection.execute(
+                update(Job)
+                .where(active, col(Job.cancel_requested).is_(True))
+                .values(status=JobStatus.CANCELLED.value, status_message=RESTART_CANCELLED_MESSAGE, finished_at=now)
+            )
+            connection.execute(
+                update(Job)
+                .where(processing, col(Job.attempts) < max_attempts)
+                .values(status=JobStatus.PENDING.value, status_message=REQUEUED_MESSAGE, progress=0, started_at=None)
+            )
+            connection.execute(
+                update(Job)
+                .where(processing)
+                .values(
+                    status=JobStatus.FAILED.value,
+                    status_message=RESTART_FAILED_MESSAGE,
+                    error_message=RESTART_FAILED_MESSAGE,
+                    finished_at=now,
+                )
+            )
+        return self.pending()
+
+    def _set(self, job_id: str, expected: Iterable[JobStatus], *where: Any, **values: Any) -> bool:
+        statement = update(Job).where(*_guard(job_id, expected, *where)).values(**values)
+        with self._engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def _list(self, query: Any) -> list[Job]:
+        with Session(self._engine, expire_on_commit=False) as session:
+            return list(session.exec(query.order_by(col(Job.created_at), col(Job.id))).all())
+
+
+class AssetStore:
+    """Asset rows made by jobs: at most one per job."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def add_for_job(self, asset: Asset) -> Asset:
+        """Insert `asset`, or return the asset already recorded for its job (a job re-run after a crash)."""
+        try:
+            with Session(self._engine, expire_on_commit=False) as session:
+                session.add(asset)
+                session.commit()
+            return asset
+        except IntegrityError:
+            existing = self.for_job(asset.job_id) if asset.job_id is not None else None
+            if existing is None:
+                raise  # not the job_id constraint: an unknown project_id, say
+            return existing
+
+    def get(self, asset_id: str) -> Asset | None:
+        with Session(self._engine, expire_on_commit=False) as session:
+            return session.get(Asset, asset_id)
+
+    def for_job(self, job_id: str) -> Asset | None:
+        with Session(self._engine, expire_on_commit=False) as session:
+            return session.exec(select(Asset).where(Asset.job_id == job_id)).first()
+
+
+def _guard(job_id: str, expected: Iterable[JobStatus], *where: Any) -> list[Any]:
+    return [col(Job.id) == job_id, col(Job.status).in_([s.value for s in expected]), *where]
+
+
+def _completed(
+    asset_id: str | None, output_url: str | None, thumbnail_url: str | None, seed: int | None, message: str
+) -> dict[str, Any]:
+    values = {
+        "status": JobStatus.COMPLETED.value,
+        "progress": 100,
+        "status_message": message,
+        "asset_id": asset_id,
+        "output_url": output_url,
+        "thumbnail_url": thumbnail_url,
+        "finished_at": utcnow(),
+    }
+    return values if seed is None else {**values, "seed": seed}  # None keeps a seed recorded by `annotate`
