@@ -8,7 +8,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flux2 import __version__
-from flux2.cli import generate, info, models, repl
+from flux2.cli import generate, info, models, repl, serve
 from flux2.cli.errors import describe
 
 EXAMPLES = """examples:
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   flux2 models                                       what is known, what is here, where
   flux2 download flux.2-klein-4b                     fetch the weights into the Hugging Face cache
   flux2 info fox.png                                 the image's provenance and watermark
+  flux2 serve                                        the studio service on http://127.0.0.1:8000
   FLUX2_MODEL=tiny flux2 generate "self-test"        offline, random weights: a noise image
 """
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flux2 {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (repl, generate, models, info):
+    for command in (repl, generate, models, info, serve):
         command.add_parsers(sub)
     for subparser in sub.choices.values():  # --verbose also after the subcommand, where users type it
         subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

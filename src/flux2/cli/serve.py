@@ -1,0 +1,49 @@
+"""`flux2 serve`: the studio service (HTTP API, jobs with SSE, projects and assets) on this machine."""
+
+import argparse
+from pathlib import Path
+
+SERVE_EXAMPLES = """examples:
+  flux2 serve                                        http://127.0.0.1:8000, data in ./studio-data
+  flux2 serve --model tiny --port 8010               offline self-test (noise images)
+  flux2 serve --host 0.0.0.0 --api-token SECRET --cors http://localhost:5173
+Every option can also come from a FLUX2_STUDIO_<NAME> variable (e.g. FLUX2_STUDIO_DATABASE_URL for PostgreSQL).
+The API is described at /docs once it runs.
+"""
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run the studio service", description=__doc__, epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="port (default: 8000)")
+    p.add_argument("--data-dir", type=Path, help="database and media folder (default: ./studio-data)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data folder)")
+    p.add_argument("--model", help="registry name of the model to serve (default: flux.2-klein-4b)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--cors", action="append", dest="cors_origins", help="allowed browser origin (repeatable)")
+    p.add_argument("--api-token", help="require Authorization: Bearer TOKEN on every request")
+    p.add_argument("--segmentation-url", help="the segmentation (SAM) service (default: http://127.0.0.1:8001)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from flux2.studio.app import create_app
+        from flux2.studio.config import StudioSettings
+    except ImportError as err:
+        missing = f"the studio service needs its extra packages ({err.name}): pip install 'flux2[studio]'"
+        raise ValueError(missing) from None
+    names = ("host", "port", "data_dir", "database_url", "model", "device", "cors_origins", "api_token",
+             "segmentation_url")  # fmt: skip
+    settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    from flux2.registry import model_info
+
+    model_info(settings.model)  # an unknown model fails now, not at the first job
+    print(f"flux2 studio on http://{settings.host}:{settings.port} (data: {settings.data_dir.resolve()})")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return 0

@@ -1,0 +1,80 @@
+"""Assets: a project's images, uploads, deletion, and the media files themselves (with Range support)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse
+from PIL import Image
+from sqlmodel import col, select
+
+from flux2.studio.api.deps import SessionDep, StudioDep
+from flux2.studio.records import Asset, Project
+
+router = APIRouter(tags=["assets"])
+media_router = APIRouter(tags=["media"])
+
+
+@router.get("/projects/{project_id}/images", summary="The project's images, newest first")
+def project_images(project_id: str, session: SessionDep) -> list[Asset]:
+    query = select(Asset).where(Asset.project_id == project_id, Asset.type == "image")
+    return list(session.exec(query.order_by(col(Asset.created_at).desc())).all())
+
+
+@router.delete("/assets/{asset_id}", summary="Delete an asset and its files")
+def delete_asset(asset_id: str, studio: StudioDep, session: SessionDep) -> dict:
+    asset = session.get(Asset, asset_id)
+    if asset is None:
+        raise HTTPException(404, f"asset_id {asset_id!r}: no such asset")
+    for url in (asset.path, asset.thumbnail_url):
+        if url:
+            studio.media.delete(url)
+    session.delete(asset)
+    session.commit()
+    return {"status": "deleted", "asset_id": asset_id}
+
+
+@router.post("/upload", summary="Upload an image (a reference, an element picture, a mask)")
+async def upload(
+    studio: StudioDep,
+    session: SessionDep,
+    file: Annotated[UploadFile, File()],
+    project_id: Annotated[str | None, Form()] = None,
+    type: Annotated[str, Form()] = "general",
+) -> dict:
+    if project_id is not None and session.get(Project, project_id) is None:
+        raise HTTPException(404, f"project_id {project_id!r}: no such project")
+    data = await file.read(studio.media.max_upload_bytes + 1)  # a byte over the limit is enough to refuse
+    try:
+        path = studio.media.save_upload(data, file.filename or "upload", project_id, type)
+    except ValueError as err:
+        raise HTTPException(413 if len(data) > studio.media.max_upload_bytes else 422, str(err)) from None
+    with Image.open(path) as image:
+        width, height = image.size
+    url = studio.media.url_for(path)
+    asset = Asset(project_id=project_id, type="image", path=studio.media.relative_path(path), url=url,
+                  filename=path.name, width=width, height=height, meta={"source": "upload", "kind": type})  # fmt: skip
+    session.add(asset)
+    session.commit()
+    # access_path is what clients send back as a reference or an inpainting source: a media URL, never a
+    # server file system path.
+    return {"url": url, "asset_id": asset.id, "type": type, "filename": path.name, "access_path": url}
+
+
+@media_router.get("/projects/{path:path}", include_in_schema=True, summary="A project's media file (Range ok)")
+def project_media(path: str, studio: StudioDep) -> FileResponse:
+    return _media(studio, f"/projects/{path}")
+
+
+@media_router.get("/uploads/{path:path}", summary="An upload without a project (Range ok)")
+def upload_media(path: str, studio: StudioDep) -> FileResponse:
+    return _media(studio, f"/uploads/{path}")
+
+
+def _media(studio, url: str) -> FileResponse:
+    try:
+        file = studio.media.resolve(url, "path")
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from None
+    if not file.is_file():
+        raise HTTPException(404, f"{url}: no such file")
+    return FileResponse(file)

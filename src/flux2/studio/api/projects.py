@@ -1,0 +1,112 @@
+"""Projects and their elements (characters, locations, objects with a trigger word and a picture)."""
+
+from fastapi import APIRouter, HTTPException
+from sqlmodel import col, select
+
+from flux2.studio.api.deps import SessionDep, StudioDep
+from flux2.studio.api.jobs import queue_job, require_project
+from flux2.studio.api.schemas import ElementCreate, ElementUpdate, ProjectCreate, ProjectUpdate, VisualizeRequest
+from flux2.studio.records import Element, Project, utcnow
+
+router = APIRouter(tags=["projects"])
+
+
+@router.post("/projects", status_code=201, summary="Create a project")
+def create_project(body: ProjectCreate, session: SessionDep) -> Project:
+    project = Project(**body.model_dump())
+    session.add(project)
+    session.commit()
+    return project
+
+
+@router.get("/projects", summary="All projects, newest first")
+def list_projects(session: SessionDep) -> list[Project]:
+    return list(session.exec(select(Project).order_by(col(Project.created_at).desc())).all())
+
+
+@router.get("/projects/{project_id}", summary="One project")
+def get_project(project_id: str, session: SessionDep) -> Project:
+    return require_project(session, project_id)
+
+
+@router.patch("/projects/{project_id}", summary="Change a project's fields")
+def update_project(project_id: str, body: ProjectUpdate, session: SessionDep) -> Project:
+    project = require_project(session, project_id)
+    for field, value in body.model_dump(exclude_unset=True).items():
+        setattr(project, field, value)
+    project.updated_at = utcnow()
+    session.add(project)
+    session.commit()
+    return project
+
+
+@router.delete("/projects/{project_id}", summary="Delete a project, its elements, assets and files")
+def delete_project(project_id: str, studio: StudioDep, session: SessionDep) -> dict:
+    project = require_project(session, project_id)
+    if studio.jobs.active(project_id):
+        raise HTTPException(409, f"project {project_id} has queued or running jobs: cancel them first")
+    session.delete(project)
+    session.commit()
+    studio.media.remove_project(project_id)
+    return {"status": "deleted", "project_id": project_id}
+
+
+@router.post("/projects/{project_id}/elements", status_code=201, summary="Create an element")
+def create_element(project_id: str, body: ElementCreate, studio: StudioDep, session: SessionDep) -> Element:
+    require_project(session, project_id)
+    _check_trigger(session, project_id, body.trigger_word)
+    if body.image_path:
+        studio.media.resolve(body.image_path, "image_path")
+    element = Element(project_id=project_id, **body.model_dump())
+    session.add(element)
+    session.commit()
+    return element
+
+
+@router.get("/projects/{project_id}/elements", summary="A project's elements")
+def list_elements(project_id: str, session: SessionDep) -> list[Element]:
+    require_project(session, project_id)
+    return list(session.exec(select(Element).where(Element.project_id == project_id)).all())
+
+
+@router.patch("/elements/{element_id}", summary="Change an element's fields")
+def update_element(element_id: str, body: ElementUpdate, studio: StudioDep, session: SessionDep) -> Element:
+    element = _element(session, element_id)
+    changes = body.model_dump(exclude_unset=True)
+    if "trigger_word" in changes:
+        _check_trigger(session, element.project_id, changes["trigger_word"], element.id)
+    if changes.get("image_path"):
+        studio.media.resolve(changes["image_path"], "image_path")
+    for field, value in changes.items():
+        setattr(element, field, value)
+    session.add(element)
+    session.commit()
+    return element
+
+
+@router.delete("/elements/{element_id}", summary="Delete an element")
+def delete_element(element_id: str, session: SessionDep) -> dict:
+    session.delete(_element(session, element_id))
+    session.commit()
+    return {"status": "deleted", "element_id": element_id}
+
+
+@router.post("/elements/{element_id}/visualize", summary="Queue a picture of the element (it becomes its image)")
+def visualize(element_id: str, body: VisualizeRequest, studio: StudioDep, session: SessionDep) -> dict:
+    element = _element(session, element_id)
+    params = {**body.model_dump(), "element_id": element.id}
+    return queue_job(studio, "visualize", element.project_id, body.prompt_override or element.name, params)
+
+
+def _element(session, element_id: str) -> Element:
+    element = session.get(Element, element_id)
+    if element is None:
+        raise HTTPException(404, f"element_id {element_id!r}: no such element")
+    return element
+
+
+def _check_trigger(session, project_id: str, trigger: str, own_id: str | None = None) -> None:
+    """Trigger words are resolved within their project, so they must be unique there (and only there)."""
+    taken = session.exec(select(Element).where(Element.project_id == project_id, Element.trigger_word == trigger))
+    if any(element.id != own_id for element in taken):
+        raise HTTPException(409, f"trigger_word {trigger!r} is already used by another element of this project")

@@ -1,0 +1,78 @@
+"""The studio service: `create_app(settings)` builds the FastAPI app; its lifespan opens the database (migrated
+to the newest schema), the media folder and the worker, and re-queues what a previous run left unfinished.
+
+    uvicorn "flux2.studio.app:create_app" --factory      # or: flux2 serve
+"""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from flux2 import __version__
+from flux2.studio.api import assets, edit, events, jobs, projects
+from flux2.studio.api.deps import Studio, check_token
+from flux2.studio.config import StudioSettings
+from flux2.studio.db import make_engine, upgrade
+from flux2.studio.events import EventBus
+from flux2.studio.jobs_store import AssetStore, JobStore
+from flux2.studio.segmentation import SegmentationClient
+from flux2.studio.storage import MediaStore
+from flux2.studio.tasks import PipelineHolder, Tasks
+from flux2.studio.worker import LocalWorker
+
+log = logging.getLogger(__name__)
+
+
+def open_studio(settings: StudioSettings, pipeline=None) -> Studio:
+    """The database (migrated in place), the media folder, the job store and an in-process worker."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    upgrade(engine)
+    media = MediaStore(settings.data_dir, settings.max_upload_bytes)
+    store = JobStore(engine)
+    tasks = Tasks(PipelineHolder(settings, pipeline), store, media, engine)
+    worker = LocalWorker(store, tasks, EventBus(settings.sse_queue_size))
+    segmentation = SegmentationClient(settings.segmentation_url, settings.segmentation_timeout_s)
+    return Studio(settings, engine, media, store, AssetStore(engine), worker, segmentation)
+
+
+def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI:
+    """The app for `settings` (default: from FLUX2_STUDIO_* variables); `pipeline` skips loading a model."""
+    settings = settings or StudioSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        studio = open_studio(settings, pipeline)
+        studio.worker.events.bind(asyncio.get_running_loop())
+        app.state.studio = studio
+        if requeued := studio.worker.recover():
+            log.warning("re-queued %d job(s) a previous run left unfinished: %s", len(requeued), ", ".join(requeued))
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(studio.worker.close)
+            studio.engine.dispose()
+
+    app = FastAPI(title="flux2 studio", version=__version__, lifespan=lifespan, dependencies=[Depends(check_token)])
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
+    app.add_exception_handler(ValueError, _bad_request)
+    for module in (jobs, projects, assets, edit, events):
+        app.include_router(module.router)
+    app.include_router(assets.media_router)  # last: /projects/{path} would shadow the project routes
+
+    @app.get("/health", tags=["service"], summary="The service answers")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    return app
+
+
+async def _bad_request(request: Request, err: ValueError) -> JSONResponse:
+    """Our own checks raise ValueError with a message naming the field: a client error, never a traceback."""
+    return JSONResponse({"detail": str(err)}, status_code=400)

@@ -1,0 +1,191 @@
+"""What runs the jobs: one queue and one lock for all model work, inference off the event loop.
+
+Routes talk to a `Worker` (submit, cancel, recover, status, close) and read events from its `EventBus`; the
+`LocalWorker` runs jobs one at a time in a thread of this process. Another implementation (a database-backed
+queue with workers on other machines) can take its place without touching the routes: job state lives in the
+database (JobStore), and every state change is a compare-and-set there.
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flux2.studio.events import EventBus, JobEvent
+from flux2.studio.jobs_store import JobStore
+from flux2.studio.records import Asset, Job
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised inside a task once its job is cancelled (tasks turn the pipeline's own cancellation into this)."""
+
+
+@dataclass
+class TaskContext:
+    """What a task gets besides its job: a cancel event for the pipeline and a progress reporter."""
+
+    job: Job
+    cancel: threading.Event
+    report: Callable[[int, str], None]  # (percent 0-100, message); raises JobCancelled once cancelled
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """A finished task's asset (not yet stored), what to do once the job is completed, and what to undo if it
+    cannot be (it was cancelled meanwhile)."""
+
+    asset: Asset
+    seed: int | None
+    message: str = "Image ready"
+    extra: dict = field(default_factory=dict)  # more fields for the `complete` event (e.g. type "inpaint")
+    discard: Callable[[], None] = lambda: None  # remove the published files
+    on_complete: Callable[[Asset], None] = lambda asset: None
+
+
+TaskRunner = Callable[[Job, TaskContext], TaskOutcome]
+
+
+class Worker(Protocol):
+    events: EventBus
+
+    def submit(self, job_id: str) -> None: ...
+
+    def cancel(self, job_id: str) -> str: ...
+
+    def recover(self) -> list[str]: ...
+
+    def status(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def job_event(name: str, job: Job, **extra) -> JobEvent:
+    """The one event schema for every job type: the job's status fields, then the event's own."""
+    data = {
+        "job_id": job.id,
+        "type": job.type,
+        "project_id": job.project_id,
+        "status": job.status,
+        "progress": job.progress,
+        "status_message": job.status_message,
+        "error_message": job.error_message,
+        "asset_id": job.asset_id,
+        "seed": job.seed,
+    }
+    return JobEvent(name, {**data, **extra})
+
+
+class LocalWorker:
+    """Runs jobs one at a time in a background thread of this process."""
+
+    def __init__(self, store: JobStore, runner: TaskRunner, events: EventBus):
+        self.store, self.runner, self.events = store, runner, events
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._running: tuple[str, threading.Event] | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="flux2-studio-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job_id: str) -> None:
+        if self._stopping.is_set():
+            raise RuntimeError("the worker is shutting down")
+        self._queue.put(job_id)
+
+    def cancel(self, job_id: str) -> str:
+        """ "cancelled" (it was queued), "cancelling" (it stops at its next step) or "not_found_or_already_done"."""
+        outcome = self.store.cancel(job_id)
+        if outcome == "cancelled":
+            self._publish("cancelled", job_id)
+        elif outcome == "cancelling":
+            with self._lock:
+                if self._running is not None and self._running[0] == job_id:
+                    self._running[1].set()
+        return outcome
+
+    def recover(self) -> list[str]:
+        """After a restart: re-queue what the database says was interrupted; the rest is marked as failed."""
+        requeued = [job.id for job in self.store.recover()]
+        for job_id in requeued:
+            self.submit(job_id)
+        return requeued
+
+    def status(self) -> dict:
+        with self._lock:
+            running = self._running[0] if self._running else None
+        return {"busy": running is not None, "queued": self._queue.qsize(), "running": running}
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; an interrupted job stays "processing" and is re-queued at the next start."""
+        self._stopping.set()
+        with self._lock:
+            if self._running is not None:
+                self._running[1].set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _serve(self) -> None:
+        while (job_id := self._queue.get()) is not None:
+            if self._stopping.is_set():
+                break
+            if self.store.start(job_id):  # False: cancelled while queued, or already taken
+                self._run(job_id)
+
+    def _run(self, job_id: str) -> None:
+        cancel = threading.Event()
+        with self._lock:
+            self._running = (job_id, cancel)
+        try:
+            job = self.store.get(job_id)
+            self._publish("progress", job_id)
+            outcome = self.runner(job, TaskContext(job, cancel, self._reporter(job_id, cancel)))
+            if cancel.is_set() or self.store.is_cancel_requested(job_id):  # cancelled during the last steps
+                outcome.discard()
+                raise JobCancelled(job_id)
+            asset = self.store.complete_with_asset(job_id, outcome.asset, outcome.seed, outcome.message)
+            if asset is None:  # ended meanwhile by someone else: no asset is left behind
+                outcome.discard()
+                return
+            outcome.on_complete(asset)
+            self._publish("complete", job_id, url=asset.url, thumbnail_url=asset.thumbnail_url, **outcome.extra)
+        except JobCancelled:
+            if self._stopping.is_set() and not self._cancel_requested(job_id):
+                log.info("job %s interrupted by shutdown: it is re-queued at the next start", job_id)
+            elif self.store.mark_cancelled(job_id):
+                self._publish("cancelled", job_id)
+        except Exception as err:
+            log.warning("job %s failed: %s", job_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            if self.store.fail(job_id, _one_line(err)):
+                self._publish("error", job_id, message=_one_line(err))
+        finally:
+            with self._lock:
+                self._running = None
+
+    def _reporter(self, job_id: str, cancel: threading.Event) -> Callable[[int, str], None]:
+        def report(percent: int, message: str) -> None:
+            if cancel.is_set():
+                raise JobCancelled(job_id)
+            if self.store.progress(job_id, percent, message):
+                self._publish("progress", job_id)
+
+        return report
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        return job is not None and job.cancel_requested
+
+    def _publish(self, name: str, job_id: str, **extra) -> None:
+        job = self.store.get(job_id)
+        if job is not None:
+            self.events.publish(job_event(name, job, **extra))
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
