@@ -3,6 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from PIL import Image
 from sqlmodel import col, select
@@ -44,12 +45,11 @@ async def upload(
     if project_id is not None and session.get(Project, project_id) is None:
         raise HTTPException(404, f"project_id {project_id!r}: no such project")
     data = await file.read(studio.media.max_upload_bytes + 1)  # a byte over the limit is enough to refuse
-    try:
-        path = studio.media.save_upload(data, file.filename or "upload", project_id, type)
+    try:  # decoding a large image takes a while: not on the event loop
+        path, (width, height) = await run_in_threadpool(_store_upload, studio.media, data, file.filename, project_id,
+                                                        type)  # fmt: skip
     except ValueError as err:
         raise HTTPException(413 if len(data) > studio.media.max_upload_bytes else 422, str(err)) from None
-    with Image.open(path) as image:
-        width, height = image.size
     url = studio.media.url_for(path)
     asset = Asset(project_id=project_id, type="image", path=studio.media.relative_path(path), url=url,
                   filename=path.name, width=width, height=height, meta={"source": "upload", "kind": type})  # fmt: skip
@@ -58,6 +58,12 @@ async def upload(
     # access_path is what clients send back as a reference or an inpainting source: a media URL, never a
     # server file system path.
     return {"url": url, "asset_id": asset.id, "type": type, "filename": path.name, "access_path": url}
+
+
+def _store_upload(media, data: bytes, filename: str | None, project_id: str | None, kind: str):
+    path = media.save_upload(data, filename or "upload", project_id, kind)
+    with Image.open(path) as image:
+        return path, image.size
 
 
 @media_router.get("/projects/{path:path}", include_in_schema=True, summary="A project's media file (Range ok)")

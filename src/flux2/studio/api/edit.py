@@ -4,6 +4,7 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
 
 from flux2.studio.api.deps import StudioDep
 from flux2.studio.api.jobs import queue_job
@@ -24,17 +25,17 @@ async def inpaint(body: InpaintRequest, studio: StudioDep, job_id: Annotated[str
         _resolve(studio, body.mask_path, "mask_path")
         mask_path = body.mask_path
     elif body.text_mask:
-        mask_path = await _save_mask(studio, studio.segmentation.mask_from_text(image.read_bytes(), body.text_mask),
+        mask_path = await _save_mask(studio, studio.segmentation.mask_from_text(await _read(image), body.text_mask),
                                      project_id)  # fmt: skip
     elif body.points:
         labels = body.labels or [1] * len(body.points)
-        mask_path = await _save_mask(studio, studio.segmentation.mask_from_points(image.read_bytes(), body.points,
+        mask_path = await _save_mask(studio, studio.segmentation.mask_from_points(await _read(image), body.points,
                                                                                   labels), project_id)  # fmt: skip
     else:
         raise HTTPException(422, "give a mask: mask_path, text_mask (words) or points ([[x, y], ...])")
     params = {**body.model_dump(exclude={"points", "labels", "text_mask"}), "mask_path": mask_path}
     try:
-        queued = queue_job(studio, "inpaint", project_id, body.prompt, params, job_id=job_id)
+        queued = await run_in_threadpool(queue_job, studio, "inpaint", project_id, body.prompt, params, job_id)
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
     return {**queued, "mask_path": mask_path}
@@ -46,21 +47,21 @@ async def segment(body: SegmentRequest, studio: StudioDep) -> dict:
     labels = body.labels or [1] * len(body.points)
     if len(labels) != len(body.points):
         raise HTTPException(422, f"labels: {len(labels)} labels for {len(body.points)} points")
-    mask = studio.segmentation.mask_from_points(image.read_bytes(), body.points, labels)
+    mask = studio.segmentation.mask_from_points(await _read(image), body.points, labels)
     return {"mask_path": await _save_mask(studio, mask, _project_of(body.image_path))}
 
 
 @router.post("/edit/segment-text", summary="A mask of what the text names, by the segmentation service")
 async def segment_text(body: TextSegmentRequest, studio: StudioDep) -> dict:
     image = _resolve(studio, body.image_path, "image_path")
-    mask = studio.segmentation.mask_from_text(image.read_bytes(), body.text, body.confidence)
+    mask = studio.segmentation.mask_from_text(await _read(image), body.text, body.confidence)
     return {"mask_path": await _save_mask(studio, mask, _project_of(body.image_path))}
 
 
 @router.post("/edit/detect", summary="Objects the text names: boxes, scores and masks")
 async def detect(body: TextSegmentRequest, studio: StudioDep) -> dict:
     image = _resolve(studio, body.image_path, "image_path")
-    return await _segmentation(studio.segmentation.detect(image.read_bytes(), body.text, body.confidence))
+    return await _segmentation(studio.segmentation.detect(await _read(image), body.text, body.confidence))
 
 
 @router.get("/sam/health", summary="Whether the segmentation service answers, and how fast")
@@ -71,7 +72,12 @@ async def sam_health(studio: StudioDep) -> dict:
 
 async def _save_mask(studio, pending, project_id: str | None) -> str:
     png = await _segmentation(pending)
-    return studio.media.url_for(studio.media.save_upload(png, "mask.png", project_id, "general"))
+    path = await run_in_threadpool(studio.media.save_upload, png, "mask.png", project_id, "general")
+    return studio.media.url_for(path)
+
+
+async def _read(path) -> bytes:
+    return await run_in_threadpool(path.read_bytes)
 
 
 async def _segmentation(pending):
