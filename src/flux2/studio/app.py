@@ -8,13 +8,13 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from flux2 import __version__
 from flux2.studio.api import assets, edit, events, jobs, projects
-from flux2.studio.api.deps import Studio, check_token
+from flux2.studio.api.deps import Studio, token_matches
 from flux2.studio.config import StudioSettings
 from flux2.studio.db import make_engine, upgrade
 from flux2.studio.events import EventBus
@@ -57,7 +57,8 @@ def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI
             await asyncio.to_thread(studio.worker.close)
             studio.engine.dispose()
 
-    app = FastAPI(title="flux2 studio", version=__version__, lifespan=lifespan, dependencies=[Depends(check_token)])
+    app = FastAPI(title="flux2 studio", version=__version__, lifespan=lifespan)
+    app.middleware("http")(_gatekeeper(settings))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
@@ -71,6 +72,28 @@ def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI
         return {"status": "ok"}
 
     return app
+
+
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around an upload's bytes
+
+
+def _gatekeeper(settings: StudioSettings):
+    """Before any route runs: the API token (on every path, the docs included; as ?token= only for GETs, which
+    browsers make for media and SSE without headers), and the upload size (refused before the body is read)."""
+
+    async def check(request: Request, call_next):
+        if settings.api_token and not token_matches(request, settings.api_token):
+            return JSONResponse({"detail": "missing or wrong API token: send Authorization: Bearer <token>"}, 401)
+        length = request.headers.get("content-length", "")
+        if (
+            request.url.path == "/upload"
+            and length.isdigit()
+            and int(length) > settings.max_upload_bytes + (MULTIPART_OVERHEAD)
+        ):
+            return JSONResponse({"detail": f"file: uploads are limited to {settings.max_upload_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    return check
 
 
 async def _bad_request(request: Request, err: ValueError) -> JSONResponse:

@@ -223,6 +223,18 @@ class JobStore:
             )
         return self.pending()
 
+    def requeue(self, job_id: str, message: str = "re-queued: the server stopped while it ran") -> bool:
+        """processing → pending, giving back the attempt: a graceful stop is not the job's fault."""
+        return self._set(
+            job_id,
+            [JobStatus.PROCESSING],
+            status=JobStatus.PENDING.value,
+            status_message=message,
+            progress=0,
+            started_at=None,
+            attempts=Job.attempts - 1,
+        )
+
     def _set(self, job_id: str, expected: Iterable[JobStatus], *where: Any, **values: Any) -> bool:
         statement = update(Job).where(*_guard(job_id, expected, *where)).values(**values)
         with self._engine.begin() as connection:

@@ -147,3 +147,27 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)  # queued
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+def job_status(job: Job) -> dict[str, Any]:
+    """The one status schema of every job, in /status, active_jobs and every SSE event (`error` repeats
+    error_message and `message` repeats status_message, for the studio front end's older readers)."""
+    return {
+        "job_id": job.id,
+        "type": job.type,
+        "project_id": job.project_id,
+        "status": job.status,
+        "progress": job.progress,
+        "status_message": job.status_message,
+        "message": job.status_message,
+        "error_message": job.error_message,
+        "error": job.error_message,
+        "asset_id": job.asset_id,
+        "seed": job.seed,
+        "output_url": job.output_url,
+        "thumbnail_url": job.thumbnail_url,
+        "enhanced_prompt": job.enhanced_prompt,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

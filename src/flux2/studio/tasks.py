@@ -6,9 +6,10 @@ completion, so a job that runs twice after a crash never yields two.
 """
 
 import logging
+import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -66,10 +67,18 @@ class Tasks:
                "visualize": self.visualize}.get(job.type)  # fmt: skip
         if run is None:
             raise ValueError(f"unknown job type {job.type!r}")
+        if job.project_id is None:
+            raise ValueError("the job has no project: its image would have nowhere to go")
+        # The seed is chosen and recorded before the run, so a run repeated after a crash makes the same image.
+        seed = job.seed if job.seed is not None else random.randrange(2**31)
+        self.store.annotate(job.id, seed=seed)
+        job.params = {**job.params, "seed": seed}
         try:
             return run(job, ctx)
         except GenerationCancelled as err:
             raise JobCancelled(job.id) from err
+        finally:
+            self.media.clear_workspace(job.id)
 
     # ------------------------------------------------------------------ job types
 
@@ -78,15 +87,14 @@ class Tasks:
         pipe = self.holder.get(ctx.report)
         prompt, references = self._references(job.project_id, p["prompt"], p.get("reference_images", []))
         settings = model_settings(pipe.info, p)
-        if pipe.info.fixed_params and (p.get("num_inference_steps"), p.get("guidance_scale")) != (None, None):
-            ctx.report(1, f"{pipe.info.name} is distilled: it runs {pipe.info.num_steps} steps at guidance "
-                          f"{pipe.info.guidance} whatever the request asks")  # fmt: skip
+        if notes := settings_notes(pipe.info, p):
+            ctx.report(1, notes)
         out = self._run(ctx, pipe.generate, prompt, width=p["width"], height=p["height"], seed=p.get("seed"),
-                        negative_prompt=p.get("negative_prompt") or None, reference_images=references,
-                        **settings)  # fmt: skip
+                        reference_images=references, **settings)  # fmt: skip
         urls = [self.media.url_for(path) for path in references]
         meta = {"prompt": prompt, "negative_prompt": p.get("negative_prompt") or "", "reference_images": urls}
-        return self._outcome(job, out, meta, extra={"type": "thumbnail" if job.type == "thumbnail" else "image"})
+        outcome = self._outcome(job, out, meta, extra={"type": "thumbnail" if job.type == "thumbnail" else "image"})
+        return replace(outcome, message=f"Image ready; {notes}") if notes else outcome
 
     def inpaint(self, job: Job, ctx: TaskContext) -> TaskOutcome:
         p = job.params
@@ -115,7 +123,7 @@ class Tasks:
                 if stored is not None:
                     stored.image_path = asset.url
 
-        return TaskOutcome(**{**outcome.__dict__, "on_complete": point_element_at})
+        return replace(outcome, on_complete=point_element_at)
 
     # ------------------------------------------------------------------ shared steps
 
@@ -187,16 +195,35 @@ class Tasks:
         return element
 
 
+TRUE_CFG_DEFAULT = 2.0  # the studio's former fixed true-CFG scale, when the request gives none above 1
+
+
 def model_settings(info, params: dict) -> dict:
-    """Steps and guidance as the model takes them. The distilled models run at their fixed settings (the studio
-    front end sends 25 steps and guidance 2.0, which they cannot use); true CFG only when asked for."""
+    """Steps, guidance and negative prompt as the model takes them. The distilled models run at their fixed
+    settings (the studio front end sends 25 steps and guidance 2.0, which they cannot use); true CFG, and with it
+    the negative prompt, only when asked for or on the base models."""
     settings = {}
     if not info.fixed_params:
-        settings["num_steps"] = params.get("num_inference_steps") or info.num_steps
-        settings["guidance"] = params.get("guidance_scale") or info.guidance
-    if params.get("enable_true_cfg") and not info.uses_cfg:
-        settings["true_cfg_scale"] = max(float(params.get("guidance_scale") or 2.0), 1.5)
+        steps, guidance = params.get("num_inference_steps"), params.get("guidance_scale")
+        settings["num_steps"] = info.num_steps if steps is None else steps
+        settings["guidance"] = info.guidance if guidance is None else guidance
+    true_cfg = params.get("enable_true_cfg") and not info.uses_cfg
+    if true_cfg:
+        scale = params.get("guidance_scale")
+        settings["true_cfg_scale"] = scale if scale is not None and scale > 1 else TRUE_CFG_DEFAULT
+    if params.get("negative_prompt") and (info.uses_cfg or true_cfg):
+        settings["negative_prompt"] = params["negative_prompt"]
     return settings
+
+
+def settings_notes(info, params: dict) -> str:
+    """What of the request the model cannot use, said in the job's status message rather than dropped."""
+    notes = []
+    if info.fixed_params and (params.get("num_inference_steps"), params.get("guidance_scale")) != (None, None):
+        notes.append(f"{info.name} is distilled: it runs {info.num_steps} steps at guidance {info.guidance}")
+    if params.get("negative_prompt") and not info.uses_cfg and not params.get("enable_true_cfg"):
+        notes.append("the negative prompt needs true CFG (enable_true_cfg) on this model: not used")
+    return "; ".join(notes)
 
 
 def progress_reporter(report: Callable[[int, str], None]):

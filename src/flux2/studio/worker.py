@@ -15,7 +15,7 @@ from typing import Protocol
 
 from flux2.studio.events import EventBus, JobEvent
 from flux2.studio.jobs_store import JobStore
-from flux2.studio.records import Asset, Job
+from flux2.studio.records import Asset, Job, job_status
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,7 @@ class Worker(Protocol):
 
 def job_event(name: str, job: Job, **extra) -> JobEvent:
     """The one event schema for every job type: the job's status fields, then the event's own."""
-    data = {
-        "job_id": job.id,
-        "type": job.type,
-        "project_id": job.project_id,
-        "status": job.status,
-        "progress": job.progress,
-        "status_message": job.status_message,
-        "error_message": job.error_message,
-        "asset_id": job.asset_id,
-        "seed": job.seed,
-    }
-    return JobEvent(name, {**data, **extra})
+    return JobEvent(name, {**job_status(job), **extra})
 
 
 class LocalWorker:
@@ -134,13 +123,18 @@ class LocalWorker:
         while (job_id := self._queue.get()) is not None:
             if self._stopping.is_set():
                 break
-            if self.store.start(job_id):  # False: cancelled while queued, or already taken
-                self._run(job_id)
+            try:
+                if self.store.start(job_id):  # False: cancelled while queued, or already taken
+                    self._run(job_id)
+            except Exception:  # the database went away, say: this job is stuck, the next ones must not be
+                log.exception("the worker could not run job %s", job_id)
 
     def _run(self, job_id: str) -> None:
         cancel = threading.Event()
         with self._lock:
             self._running = (job_id, cancel)
+        if self.store.is_cancel_requested(job_id):  # cancelled between start() and now
+            cancel.set()
         try:
             job = self.store.get(job_id)
             self._publish("progress", job_id)
@@ -152,11 +146,14 @@ class LocalWorker:
             if asset is None:  # ended meanwhile by someone else: no asset is left behind
                 outcome.discard()
                 return
-            outcome.on_complete(asset)
-            self._publish("complete", job_id, url=asset.url, thumbnail_url=asset.thumbnail_url, **outcome.extra)
+            try:
+                outcome.on_complete(asset)
+            finally:
+                self._publish("complete", job_id, url=asset.url, thumbnail_url=asset.thumbnail_url, **outcome.extra)
         except JobCancelled:
             if self._stopping.is_set() and not self._cancel_requested(job_id):
-                log.info("job %s interrupted by shutdown: it is re-queued at the next start", job_id)
+                self.store.requeue(job_id)  # runs again at the next start
+                log.info("job %s interrupted by the shutdown: re-queued", job_id)
             elif self.store.mark_cancelled(job_id):
                 self._publish("cancelled", job_id)
         except Exception as err:

@@ -10,6 +10,7 @@ from flux2.studio.api.deps import StudioDep
 from flux2.studio.api.jobs import queue_job
 from flux2.studio.api.schemas import InpaintRequest, SegmentRequest, TextSegmentRequest
 from flux2.studio.segmentation import SegmentationError
+from flux2.studio.storage import check_safe_id
 
 router = APIRouter(tags=["edit"])
 PROJECT_URL = re.compile(r"^/?projects/([A-Za-z0-9_-]+)/")
@@ -18,9 +19,19 @@ PROJECT_URL = re.compile(r"^/?projects/([A-Za-z0-9_-]+)/")
 @router.post("/edit/inpaint", summary="Queue an inpainting job; the mask is given, or made from text or points")
 async def inpaint(body: InpaintRequest, studio: StudioDep, job_id: Annotated[str | None, Query()] = None) -> dict:
     image = _resolve(studio, body.image_path, "image_path")
-    if job_id is not None and studio.jobs.get(job_id) is not None:
-        raise HTTPException(409, f"job_id {job_id!r} is already taken")
-    project_id = _project_of(body.image_path)
+    if job_id is not None:
+        try:
+            check_safe_id("job_id", job_id)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+        if await run_in_threadpool(studio.jobs.get, job_id) is not None:
+            raise HTTPException(409, f"job_id {job_id!r} is already taken")
+    if body.points is not None and body.labels is not None and len(body.labels) != len(body.points):
+        raise HTTPException(422, f"labels: {len(body.labels)} labels for {len(body.points)} points")
+    project_id = _project_of(studio.media.url_for(image))
+    if project_id is None:
+        raise HTTPException(422, "image_path must be an image of a project (/projects/<id>/...): upload it with "
+                                 "its project_id")  # fmt: skip
     if body.mask_path:
         _resolve(studio, body.mask_path, "mask_path")
         mask_path = body.mask_path
@@ -33,7 +44,8 @@ async def inpaint(body: InpaintRequest, studio: StudioDep, job_id: Annotated[str
                                                                                   labels), project_id)  # fmt: skip
     else:
         raise HTTPException(422, "give a mask: mask_path, text_mask (words) or points ([[x, y], ...])")
-    params = {**body.model_dump(exclude={"points", "labels", "text_mask"}), "mask_path": mask_path}
+    params = {**body.model_dump(exclude={"points", "labels", "text_mask"}), "mask_path": mask_path,
+              "image_path": studio.media.url_for(image)}  # fmt: skip
     try:
         queued = await run_in_threadpool(queue_job, studio, "inpaint", project_id, body.prompt, params, job_id)
     except ValueError as err:

@@ -4,37 +4,35 @@ from fastapi import APIRouter, HTTPException
 
 from flux2.studio.api.deps import SessionDep, StudioDep
 from flux2.studio.api.schemas import AdvancedRequest, GenerateImageRequest
-from flux2.studio.records import Job, Project
+from flux2.studio.records import Asset, Element, Project, job_status
 
 router = APIRouter(tags=["jobs"])
-
-
-def job_status(job: Job) -> dict:
-    """The one status schema of every job, live or finished (`error` repeats error_message for older clients)."""
-    return {
-        "job_id": job.id,
-        "type": job.type,
-        "project_id": job.project_id,
-        "status": job.status,
-        "progress": job.progress,
-        "status_message": job.status_message,
-        "error_message": job.error_message,
-        "error": job.error_message,
-        "asset_id": job.asset_id,
-        "seed": job.seed,
-        "output_url": job.output_url,
-        "thumbnail_url": job.thumbnail_url,
-        "enhanced_prompt": job.enhanced_prompt,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-    }
 
 
 def queue_job(studio, job_type: str, project_id: str | None, prompt: str, params: dict, job_id: str | None = None):
     job = studio.jobs.create(job_type, project_id, prompt, params, seed=params.get("seed"), job_id=job_id)
     studio.worker.submit(job.id)
     return {"job_id": job.id, "status": "queued"}
+
+
+def check_references(studio, session, project_id: str, items: list[str]) -> None:
+    """Each reference is an element of this project with a picture, an asset of this project, or a media file
+    inside the data folder: anything else is refused now, not after the job waited in the queue."""
+    for i, item in enumerate(items):
+        element = session.get(Element, item)
+        if element is not None and element.project_id == project_id:
+            if not element.image_path:
+                raise HTTPException(422, f"reference_images[{i}]: element {element.name!r} has no picture yet")
+            continue
+        asset = session.get(Asset, item)
+        if asset is not None and asset.project_id == project_id:
+            continue
+        try:
+            path = studio.media.resolve(item, f"reference_images[{i}]")
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+        if not path.is_file():
+            raise HTTPException(422, f"reference_images[{i}] {item!r}: no element, asset or file by that name")
 
 
 def require_project(session, project_id: str) -> Project:
@@ -47,6 +45,7 @@ def require_project(session, project_id: str) -> Project:
 @router.post("/generate/image", summary="Queue a text-to-image job (with element or image references)")
 def generate_image(body: GenerateImageRequest, studio: StudioDep, session: SessionDep) -> dict:
     require_project(session, body.project_id)
+    check_references(studio, session, body.project_id, body.reference_images)
     return queue_job(studio, "image", body.project_id, body.prompt, body.model_dump())
 
 
@@ -56,6 +55,7 @@ def generate_advanced(body: AdvancedRequest, studio: StudioDep, session: Session
     shot = body.shot_config
     if shot.num_frames != 1:
         raise HTTPException(501, "video generation is not part of this service: only num_frames == 1 (an image)")
+    check_references(studio, session, body.project_id, shot.reference_images)
     params = {**shot.model_dump(), "guidance_scale": shot.cfg_scale}
     return queue_job(studio, "advanced", body.project_id, shot.prompt, params)
 

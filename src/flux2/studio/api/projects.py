@@ -32,7 +32,7 @@ def get_project(project_id: str, session: SessionDep) -> Project:
 @router.patch("/projects/{project_id}", summary="Change a project's fields")
 def update_project(project_id: str, body: ProjectUpdate, session: SessionDep) -> Project:
     project = require_project(session, project_id)
-    for field, value in body.model_dump(exclude_unset=True).items():
+    for field, value in body.model_dump(exclude_unset=True, exclude_none=True).items():
         setattr(project, field, value)
     project.updated_at = utcnow()
     session.add(project)
@@ -55,9 +55,10 @@ def delete_project(project_id: str, studio: StudioDep, session: SessionDep) -> d
 def create_element(project_id: str, body: ElementCreate, studio: StudioDep, session: SessionDep) -> Element:
     require_project(session, project_id)
     _check_trigger(session, project_id, body.trigger_word)
-    if body.image_path:
-        studio.media.resolve(body.image_path, "image_path")
-    element = Element(project_id=project_id, **body.model_dump())
+    fields = body.model_dump()
+    if body.image_path:  # stored as a media URL, whatever form the client gave
+        fields["image_path"] = studio.media.url_for(studio.media.resolve(body.image_path, "image_path"))
+    element = Element(project_id=project_id, **fields)
     session.add(element)
     session.commit()
     return element
@@ -72,11 +73,11 @@ def list_elements(project_id: str, session: SessionDep) -> list[Element]:
 @router.patch("/elements/{element_id}", summary="Change an element's fields")
 def update_element(element_id: str, body: ElementUpdate, studio: StudioDep, session: SessionDep) -> Element:
     element = _element(session, element_id)
-    changes = body.model_dump(exclude_unset=True)
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if "trigger_word" in changes:
         _check_trigger(session, element.project_id, changes["trigger_word"], element.id)
-    if changes.get("image_path"):
-        studio.media.resolve(changes["image_path"], "image_path")
+    if changes.get("image_path"):  # stored as a media URL, whatever form the client gave
+        changes["image_path"] = studio.media.url_for(studio.media.resolve(changes["image_path"], "image_path"))
     for field, value in changes.items():
         setattr(element, field, value)
     session.add(element)

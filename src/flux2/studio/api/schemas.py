@@ -6,7 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # the front end sends fields of other features too
+    # The front end sends fields of other features too; NaN and infinity are never valid numbers here.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class GenerateImageRequest(Body):
