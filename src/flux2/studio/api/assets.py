@@ -9,6 +9,7 @@ from PIL import Image
 from sqlmodel import col, select
 
 from flux2.studio.api.deps import SessionDep, StudioDep
+from flux2.studio.api.jobs import require_project
 from flux2.studio.records import Asset, Project
 
 router = APIRouter(tags=["assets"])
@@ -17,6 +18,7 @@ media_router = APIRouter(tags=["media"])
 
 @router.get("/projects/{project_id}/images", summary="The project's images, newest first")
 def project_images(project_id: str, session: SessionDep) -> list[Asset]:
+    require_project(session, project_id)
     query = select(Asset).where(Asset.project_id == project_id, Asset.type == "image")
     return list(session.exec(query.order_by(col(Asset.created_at).desc())).all())
 

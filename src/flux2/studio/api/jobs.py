@@ -76,7 +76,8 @@ def cancel(job_id: str, studio: StudioDep) -> dict:
 
 
 @router.get("/projects/{project_id}/active_jobs", summary="The project's queued and running jobs")
-def active_jobs(project_id: str, studio: StudioDep) -> list[dict]:
+def active_jobs(project_id: str, studio: StudioDep, session: SessionDep) -> list[dict]:
+    require_project(session, project_id)
     return [job_status(job) for job in studio.jobs.active(project_id)]
 
 

@@ -57,7 +57,7 @@ def create_element(project_id: str, body: ElementCreate, studio: StudioDep, sess
     _check_trigger(session, project_id, body.trigger_word)
     fields = body.model_dump()
     if body.image_path:  # stored as a media URL, whatever form the client gave
-        fields["image_path"] = studio.media.url_for(studio.media.resolve(body.image_path, "image_path"))
+        fields["image_path"] = _picture(studio, body.image_path)
     element = Element(project_id=project_id, **fields)
     session.add(element)
     session.commit()
@@ -77,7 +77,7 @@ def update_element(element_id: str, body: ElementUpdate, studio: StudioDep, sess
     if "trigger_word" in changes:
         _check_trigger(session, element.project_id, changes["trigger_word"], element.id)
     if changes.get("image_path"):  # stored as a media URL, whatever form the client gave
-        changes["image_path"] = studio.media.url_for(studio.media.resolve(changes["image_path"], "image_path"))
+        changes["image_path"] = _picture(studio, changes["image_path"])
     for field, value in changes.items():
         setattr(element, field, value)
     session.add(element)
@@ -97,6 +97,13 @@ def visualize(element_id: str, body: VisualizeRequest, studio: StudioDep, sessio
     element = _element(session, element_id)
     params = {**body.model_dump(), "element_id": element.id}
     return queue_job(studio, "visualize", element.project_id, body.prompt_override or element.name, params)
+
+
+def _picture(studio, image_path: str) -> str:
+    path = studio.media.resolve(image_path, "image_path")
+    if not path.is_file():
+        raise HTTPException(422, f"image_path {image_path!r}: no such file (upload it first)")
+    return studio.media.url_for(path)
 
 
 def _element(session, element_id: str) -> Element:

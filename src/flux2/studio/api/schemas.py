@@ -55,6 +55,8 @@ class InpaintRequest(Body):
     text_mask: str | None = None  # what to mask, described in words
     strength: float = Field(1.0, gt=0, le=1)
     mask_blur: float = Field(8.0, ge=0, le=128)
+    num_inference_steps: int | None = Field(None, ge=1, le=200)  # base models; the distilled ones run their own
+    guidance_scale: float | None = Field(None, ge=0, le=30)
     seed: int | None = Field(None, ge=0, le=2**63 - 2)
 
     @field_validator("points")
@@ -120,6 +122,8 @@ class ElementUpdate(Body):
 
 class VisualizeRequest(Body):
     prompt_override: str | None = Field(None, max_length=4000)
+    width: int = Field(1024, ge=64, le=4096, multiple_of=16)
+    height: int = Field(1024, ge=64, le=4096, multiple_of=16)
     guidance_scale: float | None = Field(None, ge=0, le=30)
     enable_ae: bool = True
     seed: int | None = Field(None, ge=0, le=2**63 - 2)
