@@ -111,6 +111,11 @@ class ElementCreate(Body):
     description: str = ""
     image_path: str | None = None
 
+    @field_validator("image_path")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None  # the front end sends "" for "no picture yet"
+
 
 class ElementUpdate(Body):
     name: str | None = Field(None, min_length=1, max_length=200)
