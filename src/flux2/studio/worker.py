@@ -109,7 +109,7 @@ class LocalWorker:
         return {"busy": running is not None, "queued": self._queue.qsize(), "running": running}
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop after the current step; an interrupted job stays "processing" and is re-queued at the next start."""
+        """Stop after the current step; an interrupted job goes back to the queue and runs at the next start."""
         self._stopping.set()
         with self._lock:
             if self._running is not None:
