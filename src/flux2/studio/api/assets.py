@@ -1,6 +1,7 @@
 """Assets: a project's images, uploads, deletion, and the media files themselves (with Range support)."""
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -70,15 +71,16 @@ def _store_upload(media, data: bytes, filename: str | None, project_id: str | No
 
 @media_router.get("/projects/{path:path}", include_in_schema=True, summary="A project's media file (Range ok)")
 def project_media(path: str, studio: StudioDep) -> FileResponse:
-    return _media(studio, f"/projects/{path}")
+    return _media(studio, f"/projects/{quote(path)}")
 
 
 @media_router.get("/uploads/{path:path}", summary="An upload without a project (Range ok)")
 def upload_media(path: str, studio: StudioDep) -> FileResponse:
-    return _media(studio, f"/uploads/{path}")
+    return _media(studio, f"/uploads/{quote(path)}")
 
 
 def _media(studio, url: str) -> FileResponse:
+    """`url` quoted again: the route's path is already decoded, and resolve() decodes a URL once."""
     try:
         file = studio.media.resolve(url, "path")
     except ValueError as err:
