@@ -249,6 +249,9 @@ def test_true_cfg_is_an_explicit_opt_in_and_guidance_is_never_a_dead_knob(parts,
         klein.generate("a fox", width=32, height=32, negative_prompt="blurry")
     with pytest.raises(ValueError, match="guidance is fixed at 1.0"):
         klein.generate("a fox", width=32, height=32, guidance=3.0)
+    tiny = Flux2Pipeline("tiny", **parts)  # no guidance embedding, no CFG, nothing fixed: guidance would do nothing
+    with pytest.raises(ValueError, match="tiny has no guidance"):
+        tiny.generate("a fox", width=32, height=32, guidance=7.0)
     [plain] = klein.generate("a fox", width=32, height=32, seed=1)
     [cfg] = klein.generate("a fox", width=32, height=32, seed=1, true_cfg_scale=3.0, negative_prompt="blurry")
     assert "twice per step" in caplog.text and cfg.record.true_cfg_scale == 3.0

@@ -1,7 +1,7 @@
 """Checkpoint layouts, strict loading, architecture detection and weight discovery."""
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -206,3 +206,17 @@ def test_text_encoder_loads_from_the_discovered_folder(no_env, tmp_path):
 
     expected = Qwen3Embedder(model, "cpu", tokenizer=tokenizer, dtype=torch.float32)(["a fox"])
     assert torch.equal(encoder(["a fox"]), expected)
+
+
+def test_vae_folder_group_count_comes_from_its_config(tmp_path):
+    """GroupNorm's group count is not in the weights: a diffusers vae/ folder's config.json gives it."""
+    params = replace(TINY_AE_PARAMS, norm_groups=16)
+    ae = random_ae(params, seed=3)
+    vae = AutoencoderKLFlux2(**diffusers_ae_config(params))
+    vae.load_state_dict(ae_original_to_diffusers(ae.state_dict()))
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = load_ae("tiny", "cpu", path=tmp_path / "vae")
+    assert loaded.params.norm_groups == 16
+    z = torch.randn(1, 16, 4, 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.decode(z), ae.decode(z), rtol=0, atol=1e-6)

@@ -31,7 +31,13 @@ def check_settings(
     if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     num_steps = info.num_steps if num_steps is None else num_steps
-    info.check_fixed(num_steps, info.guidance if guidance is None else guidance)
+    guidance = info.guidance if guidance is None else guidance
+    info.check_fixed(num_steps, guidance)
+    if guidance != info.guidance and not info.uses_cfg and not info.params.use_guidance_embed:
+        raise ValueError(
+            f"{info.name} has no guidance (no guidance embedding and no CFG): leave guidance at {info.guidance}; "
+            "for true CFG use true_cfg_scale"
+        )
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     if true_cfg_scale is not None:

@@ -4,6 +4,7 @@ Weights are found by `flux2.weights` and read by `flux2.checkpoints`; models are
 the checkpoint tensors are assigned, so a model never exists twice in memory.
 """
 
+import json
 import logging
 import warnings
 from dataclasses import asdict, replace
@@ -141,6 +142,15 @@ def read_ae_state_dict(path: str | Path, device: str | torch.device = "cpu") -> 
     return ae_diffusers_to_original(sd) if is_diffusers_ae(sd) else sd
 
 
+def _vae_norm_groups(path: str | Path) -> int:
+    """GroupNorm's group count is not in the weights: a diffusers vae/ folder's config.json says it, and a single
+    file is FLUX's 32."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("norm_num_groups", AutoEncoderParams.norm_groups))
+    return AutoEncoderParams.norm_groups
+
+
 def load_ae(
     name: str = "flux.2-dev",
     device: str | torch.device | None = None,
@@ -162,7 +172,7 @@ def load_ae(
     log.info("Loading %s for the AutoEncoder weights", path)
     sd = read_ae_state_dict(path, device)
     if params is None:
-        params = ae_params_from_state_dict(sd)
+        params = replace(ae_params_from_state_dict(sd), norm_groups=_vae_norm_groups(path))
         _warn_if_not_preset(path, info.name, "autoencoder", params, info.ae_params)
     with torch.device("meta"):
         ae = AutoEncoder(params)

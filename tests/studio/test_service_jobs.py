@@ -122,11 +122,11 @@ def test_cancel_a_queued_and_a_running_image_job(service):
 def test_cancel_a_queued_and_a_running_inpaint_job(service):
     client = service.client
     project = create_project(client, "Cancel inpaint")
-    # 640 px: the tiny model's 4 denoising steps take long enough to cancel between two of them.
-    big, big_mask = upload(client, image_bytes(640, 640), project), upload(client, mask_bytes(640, 640), project)
+    # 200 denoising steps at 256 px: long enough to cancel between two of them on a loaded machine.
+    big, big_mask = upload(client, image_bytes(256, 256), project), upload(client, mask_bytes(256, 256), project)
     small, small_mask = upload(client, image_bytes(), project), upload(client, mask_bytes(), project)
     with EventStream(service) as events:
-        body = {"image_path": big["url"], "mask_path": big_mask["url"], "prompt": "a hat"}
+        body = {"image_path": big["url"], "mask_path": big_mask["url"], "prompt": "a hat", "num_inference_steps": 200}
         running = client.post("/edit/inpaint", params={"job_id": "job_inpaint_running"}, json=body)
         assert running.status_code == 200, running.text
         assert running.json() == {"job_id": "job_inpaint_running", "status": "queued", "mask_path": big_mask["url"]}
@@ -140,7 +140,7 @@ def test_cancel_a_queued_and_a_running_inpaint_job(service):
         name, data = events.wait_end("job_inpaint_running")
         assert name == "cancelled" and data["type"] == "inpaint", data
         steps = [d for n, d in events.of("job_inpaint_running") if n == "progress"]
-        assert is_denoise_step(steps[-1]) and steps[-1]["status_message"] != "Step 4/4", steps[-1]
+        assert is_denoise_step(steps[-1]) and steps[-1]["status_message"] != "Step 200/200", steps[-1]
 
         after = client.post("/edit/inpaint", json={"image_path": small["url"], "mask_path": small_mask["url"],
                                                    "prompt": "a scarf"}).json()  # fmt: skip
@@ -159,11 +159,21 @@ def test_thirty_jobs_from_five_clients_with_random_cancellations_while_health_st
     project = create_project(service.client, "Load")
     submitted: dict[str, str | None] = {}  # job id: the cancel route's answer (None: not cancelled)
     errors: list[BaseException] = []
+    watchers: list[threading.Thread] = []
     lock = threading.Lock()
     plans = [[rng.random() < 1 / 3 for _ in range(per_client)] for _ in range(clients)]
     delays = [[rng.choice([0.0, rng.uniform(0, 4)]) for _ in range(per_client)] for _ in range(clients)]
     # Most jobs take the tiny model's 4 steps; some take 20, so that some cancellations land while they run.
     steps = [[rng.choice([None, None, 20]) for _ in range(per_client)] for _ in range(clients)]
+    # And one long job is cancelled once it runs, so that at least one cancellation stops a running job.
+    steps[0][0], plans[0][0] = 200, False
+
+    def cancel_once_running(job_id: str) -> None:
+        with service.client_for() as client:
+            wait_status(client, job_id, lambda status: status["status"] != "pending", timeout=60)
+            answer = cancel(client, job_id)
+        with lock:
+            submitted[job_id] = answer
 
     def client_session(index: int) -> None:
         try:
@@ -177,6 +187,9 @@ def test_thirty_jobs_from_five_clients_with_random_cancellations_while_health_st
                     mine.append((time.monotonic(), response.json()["job_id"]))
                     with lock:
                         submitted[response.json()["job_id"]] = None
+                    if (index, number) == (0, 0):
+                        watchers.append(threading.Thread(target=cancel_once_running, args=(mine[-1][1],)))
+                        watchers[-1].start()
                 cancels = sorted((at + delays[index][n], job_id) for n, (at, job_id) in enumerate(mine)
                                  if plans[index][n])  # fmt: skip
                 for when, job_id in cancels:
@@ -192,7 +205,7 @@ def test_thirty_jobs_from_five_clients_with_random_cancellations_while_health_st
         threads = [threading.Thread(target=client_session, args=(i,)) for i in range(clients)]
         for thread in threads:
             thread.start()
-        for thread in threads:
+        for thread in threads + watchers:
             thread.join(60)
         assert not errors, errors
         statuses = {job_id: wait_terminal(service.client, job_id, timeout=60) for job_id in list(submitted)}
@@ -200,6 +213,7 @@ def test_thirty_jobs_from_five_clients_with_random_cancellations_while_health_st
     total = time.monotonic() - started
 
     assert len(submitted) == clients * per_client
+    assert "cancelling" in submitted.values()  # a running job was stopped mid-denoise
     by_job = assets_by_job(service.client, project)
     files = generated_files(service, project)
     for job_id, answer in submitted.items():

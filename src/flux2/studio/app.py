@@ -18,7 +18,7 @@ from flux2.studio.api.deps import Studio, token_matches
 from flux2.studio.config import StudioSettings
 from flux2.studio.db import make_engine, upgrade
 from flux2.studio.events import EventBus
-from flux2.studio.jobs_store import AssetStore, JobStore
+from flux2.studio.jobs_store import JobStore
 from flux2.studio.segmentation import SegmentationClient
 from flux2.studio.storage import MediaStore
 from flux2.studio.tasks import PipelineHolder, Tasks
@@ -37,7 +37,7 @@ def open_studio(settings: StudioSettings, pipeline=None) -> Studio:
     tasks = Tasks(PipelineHolder(settings, pipeline), store, media, engine)
     worker = LocalWorker(store, tasks, EventBus(settings.sse_queue_size))
     segmentation = SegmentationClient(settings.segmentation_url, settings.segmentation_timeout_s)
-    return Studio(settings, engine, media, store, AssetStore(engine), worker, segmentation)
+    return Studio(settings, engine, media, store, worker, segmentation)
 
 
 def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI:

@@ -7,6 +7,7 @@ completion, so a job that runs twice after a crash never yields two.
 
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -100,6 +101,8 @@ class Tasks:
         p = job.params
         pipe = self.holder.get(ctx.report)
         image, mask = self.media.resolve(p["image_path"], "image_path"), self.media.resolve(p["mask_path"], "mask_path")
+        if notes := settings_notes(pipe.info, p):
+            ctx.report(1, notes)
         out = self._run(ctx, pipe.inpaint, p["prompt"], image, mask, seed=p.get("seed"),
                         strength=p.get("strength", 1.0), mask_blur=p.get("mask_blur", 8.0),
                         **model_settings(pipe.info, p))  # fmt: skip
@@ -113,6 +116,8 @@ class Tasks:
             name=element.name, description=element.description or element.name
         )
         pipe = self.holder.get(ctx.report)
+        if notes := settings_notes(pipe.info, p):
+            ctx.report(1, notes)
         out = self._run(ctx, pipe.generate, prompt, width=p.get("width", 1024), height=p.get("height", 1024),
                         seed=p.get("seed"), **model_settings(pipe.info, p))  # fmt: skip
         outcome = self._outcome(job, out, {"prompt": prompt, "element_id": element.id}, extra={"type": "visualize"})
@@ -170,7 +175,7 @@ class Tasks:
             for item in items:
                 if item in by_id:
                     element = by_id[item]
-                    if element.trigger_word.lower() not in prompt.lower():
+                    if not mentions(prompt, element.trigger_word):
                         prompt = f"{prompt} {element.trigger_word}"
                     paths.append(self._element_image(element))
                 elif (asset := session.get(Asset, item)) is not None and asset.project_id == project_id:
@@ -178,7 +183,7 @@ class Tasks:
                 else:
                     paths.append(self.media.resolve(item, "reference_images"))
             for element in elements:
-                if element.trigger_word and element.trigger_word.lower() in prompt.lower() and element.image_path:
+                if element.image_path and mentions(prompt, element.trigger_word):
                     paths.append(self._element_image(element))
         return prompt, list(dict.fromkeys(paths))
 
@@ -236,6 +241,12 @@ def progress_reporter(report: Callable[[int, str], None]):
         report(int(low + (high - low) * share), message)
 
     return on_progress
+
+
+def mentions(prompt: str, trigger_word: str) -> bool:
+    """The trigger word as a word of its own (case-insensitive): "@Cat" is not in "@Cathedral"."""
+    pattern = rf"(?<!\w){re.escape(trigger_word)}(?!\w)"
+    return bool(trigger_word) and re.search(pattern, prompt, re.IGNORECASE) is not None
 
 
 def _remove(*paths: Path) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from flux2.studio.config import StudioSettings
-from flux2.studio.jobs_store import AssetStore, JobStore
+from flux2.studio.jobs_store import JobStore
 from flux2.studio.segmentation import SegmentationClient
 from flux2.studio.storage import MediaStore
 from flux2.studio.worker import Worker
@@ -25,7 +25,6 @@ class Studio:
     engine: Engine
     media: MediaStore
     jobs: JobStore
-    assets: AssetStore
     worker: Worker
     segmentation: SegmentationClient
 

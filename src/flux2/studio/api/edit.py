@@ -33,8 +33,7 @@ async def inpaint(body: InpaintRequest, studio: StudioDep, job_id: Annotated[str
         raise HTTPException(422, "image_path must be an image of a project (/projects/<id>/...): upload it with "
                                  "its project_id")  # fmt: skip
     if body.mask_path:
-        _resolve(studio, body.mask_path, "mask_path")
-        mask_path = body.mask_path
+        mask_path = studio.media.url_for(_resolve(studio, body.mask_path, "mask_path"))
     elif body.text_mask:
         mask_path = await _save_mask(studio, studio.segmentation.mask_from_text(await _read(image), body.text_mask),
                                      project_id)  # fmt: skip
@@ -60,14 +59,14 @@ async def segment(body: SegmentRequest, studio: StudioDep) -> dict:
     if len(labels) != len(body.points):
         raise HTTPException(422, f"labels: {len(labels)} labels for {len(body.points)} points")
     mask = studio.segmentation.mask_from_points(await _read(image), body.points, labels)
-    return {"mask_path": await _save_mask(studio, mask, _project_of(body.image_path))}
+    return {"mask_path": await _save_mask(studio, mask, _project_of(studio.media.url_for(image)))}
 
 
 @router.post("/edit/segment-text", summary="A mask of what the text names, by the segmentation service")
 async def segment_text(body: TextSegmentRequest, studio: StudioDep) -> dict:
     image = _resolve(studio, body.image_path, "image_path")
     mask = studio.segmentation.mask_from_text(await _read(image), body.text, body.confidence)
-    return {"mask_path": await _save_mask(studio, mask, _project_of(body.image_path))}
+    return {"mask_path": await _save_mask(studio, mask, _project_of(studio.media.url_for(image)))}
 
 
 @router.post("/edit/detect", summary="Objects the text names: boxes, scores and masks")

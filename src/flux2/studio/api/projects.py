@@ -78,6 +78,8 @@ def update_element(element_id: str, body: ElementUpdate, studio: StudioDep, sess
         _check_trigger(session, element.project_id, changes["trigger_word"], element.id)
     if changes.get("image_path"):  # stored as a media URL, whatever form the client gave
         changes["image_path"] = _picture(studio, changes["image_path"])
+    elif changes.get("image_path") == "":
+        changes["image_path"] = None  # the picture is cleared
     for field, value in changes.items():
         setattr(element, field, value)
     session.add(element)

@@ -122,7 +122,7 @@ class ElementUpdate(Body):
     trigger_word: str | None = Field(None, min_length=1, max_length=100)
     type: Literal["character", "location", "object"] | None = None
     description: str | None = None
-    image_path: str | None = None
+    image_path: str | None = None  # "" clears the picture
 
 
 class VisualizeRequest(Body):
