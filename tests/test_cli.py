@@ -105,13 +105,13 @@ def test_a_named_model_from_weights_where_a_user_puts_them(tmp_path, in_folder, 
     "args,message",
     [
         (["--model", "no-such-model"], "unknown model 'no-such-model'; choose one of: flux.2-klein-4b"),
-        (["--model", "tiny", "--width", "100"], "width must be a positive multiple of 16 px, got 100"),
-        (["--model", "tiny", "--steps", "-2"], "num_steps must be a positive integer, got -2"),
+        (["--model", "tiny", "--width", "100"], "width must be a positive multiple of 16 px, at most 4096, got 100"),
+        (["--model", "tiny", "--steps", "-2"], "num_steps must be a positive integer, at most 200, got -2"),
         (["--model", "flux.2-klein-4b", "--steps", "8"], "num_steps is fixed at 4 (got 8)"),  # before any weights
         (["--model", "tiny", "-i", "missing.png"], "input image 0 not found: missing.png"),
         (["--model", "tiny", "-i", "broken.png"], "input image 0 (broken.png) is not a readable image"),
         (["--model", "tiny", "-i", "broken.png", "--match-image-size", "1"], "not a readable image"),
-        (["--model", "tiny", "--match-image-size", "0"], "--match-image-size 0: there are 0 input images"),
+        (["--model", "tiny", "--match-image-size", "0"], "match_image_size=0 but there are 0 reference images"),
         (["--model", "tiny", "-o", "plainfile"], "-o plainfile is an existing file"),
         (["--model", "tiny", "--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"], "--device"),
         (["--model", "tiny", "-o", "out.tiff"], "must end in one of .png"),
@@ -172,7 +172,7 @@ def test_help_is_short_and_has_examples(tmp_path, cli_env, capsys):
 
 
 def test_flagged_output_is_reported_and_not_written(tmp_path, cli_env):
-    from flux2.tiny import save_tiny_image_classifier
+    from tiny_classifier import save_tiny_image_classifier
 
     classifier = save_tiny_image_classifier(tmp_path / "nsfw", {0: "normal", 1: "nsfw"})
     safety = ["--safety", "classifier", "--nsfw-model", str(classifier), "--nsfw-threshold", "0"]
@@ -196,7 +196,8 @@ def test_upsampling_through_a_loopback_api(tmp_path, cli_env):
 
 
 def test_ctrl_c_cancels_a_one_shot_run(tmp_path, cli_env):
-    args = ["-m", "flux2", "generate", "x", *SMALL, "--seed", "1", "--num-images", "2", "--steps", "100000"]
+    args = ["-m", "flux2", "generate", "x", "--model", "tiny", "--width", "1024", "--height", "1024", "--seed", "1",
+            "--num-images", "2", "--steps", "200"]  # fmt: skip
     term = Terminal(args, env=cli_env, cwd=tmp_path)
     try:
         term.expect("denoising")

@@ -93,7 +93,7 @@ def closed_port() -> int:
 @pytest.fixture
 def studio_folder(tmp_path):
     """The studio app's layout for [klein] 4B, with tiny checkpoints in the real formats."""
-    from flux2.tiny_text_encoders import save_tiny_qwen3
+    from tiny_encoders import save_tiny_qwen3
 
     folder = tmp_path / "weights"
     folder.mkdir()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from flux2.editing import binary_mask, feathered
+from flux2.images import image_to_tensor
 from flux2.pipeline import Flux2Pipeline
 from flux2.sampling import batched_prc_img, get_schedule, noised, truncated_schedule
 
@@ -62,7 +63,7 @@ def decoded_latents(pipe: Flux2Pipeline):
 
 def source_tokens(pipe: Flux2Pipeline, image: Image.Image) -> torch.Tensor:
     with torch.inference_mode():
-        return batched_prc_img(pipe._ae_encode(image))[0]
+        return batched_prc_img(pipe.ae.encode(image_to_tensor(image)[None]))[0]
 
 
 # ----------------------------------------------------------------------------- inpainting
@@ -102,7 +103,7 @@ def test_the_known_region_is_the_source_renoised_with_the_same_noise_at_every_st
 def test_strength_moves_between_the_source_and_a_new_image(pipe, source):
     white = Image.new("L", source.size, 255)
     with torch.inference_mode():
-        src = pipe._ae_encode(source)
+        src = pipe.ae.encode(image_to_tensor(source)[None])
 
     def distance(image: Image.Image, strength: float) -> float:
         with decoded_latents(pipe) as seen:

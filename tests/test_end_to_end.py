@@ -5,11 +5,11 @@ import pytest
 import torch
 from chat_api import Reply, completion, running_chat_server
 from PIL import Image
+from tiny_classifier import save_tiny_image_classifier
 
 from flux2.pipeline import DEFAULT_WATERMARK, Flux2Pipeline
 from flux2.provenance import read_exif_tags, read_provenance, save_with_provenance
 from flux2.safety import ContentFlagged, NSFWClassifier, SafetyPolicy
-from flux2.tiny import save_tiny_image_classifier
 from flux2.upsampling import OpenRouterUpsampler
 from flux2.watermark import verify
 
@@ -88,10 +88,11 @@ def test_watermark_can_be_turned_off(tiny):
 def test_safety_by_mode_name_and_dev_reuses_its_encoder_for_the_llm_check(tiny):
     from dataclasses import replace
 
+    from tiny_encoders import tiny_mistral3
+
     from flux2.registry import TINY_PARAMS
     from flux2.text_encoder import Mistral3SmallEmbedder
     from flux2.tiny import random_flow_model
-    from flux2.tiny_text_encoders import tiny_mistral3
 
     assert pipeline(tiny, safety="classifier").safety.mode == "classifier"  # nothing loads until first use
     model, processor = tiny_mistral3()
@@ -116,8 +117,9 @@ def test_an_upsampler_that_raises_never_fails_the_generation(tiny):
 
 
 def test_full_safety_without_image_support_fails_before_any_denoising(tiny, classifier_folder):
+    from tiny_encoders import tiny_mistral3
+
     from flux2.safety import IntegrityChecker
-    from flux2.tiny_text_encoders import tiny_mistral3
 
     model, tokenizer = tiny_mistral3()  # a tokenizer, not an image processor: the image check cannot run
     tokenizer.add_tokens(["yes", "no"])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny_classifier import save_tiny_image_classifier
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 from transformers import CLIPVisionModelWithProjection as CLIPVision
 
@@ -17,13 +18,13 @@ from flux2.checkpoints import CheckpointError
 from flux2.ip_adapter import (
     ImageProjection,
     IPAdapter,
-    check_scale,
     load_image_encoder,
     read_image_projection,
     save_image_projection,
 )
 from flux2.registry import TINY_PARAMS
-from flux2.tiny import save_tiny_image_classifier, seeded
+from flux2.request import GenerationRequest
+from flux2.tiny import seeded
 
 HIDDEN = TINY_PARAMS.hidden_size  # 64
 CLIP_DIM = 16
@@ -266,7 +267,7 @@ def test_tokens_shape_and_order(adapter):
 @pytest.mark.parametrize("scale", [-0.1, math.nan, math.inf, True, "1"])
 def test_bad_scale_is_an_error(scale):
     with pytest.raises(ValueError, match="ip_adapter_scale must be a finite number >= 0"):
-        check_scale(scale)
+        GenerationRequest(ip_adapter_scale=scale).check()  # checked with every request, like all settings
 
 
 def test_different_images_give_different_tokens(adapter):

@@ -17,10 +17,11 @@ from flux2.checkpoints.transformer import (
     transformer_original_to_diffusers,
 )
 from flux2.model import Flux2, Flux2Params, Klein4BParams, Klein9BParams
-from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS, model_info
+from flux2.registry import FLUX2_MODEL_INFO, TINY_AE_PARAMS, TINY_PARAMS, RandomWeights, model_info
 from flux2.tiny import random_ae, random_flow_model
-from flux2.util import detect_model_name, load_ae, load_flow_model
-from flux2.weights import WeightsNotFoundError, find_weights
+from flux2.tiny_text_encoders import tiny_qwen3
+from flux2.util import default_dtype, detect_model_name, load_ae, load_flow_model, load_text_encoder
+from flux2.weights import WeightsNotFoundError, download_weights, find_weights, local_parts
 
 
 def diffusers_transformer(params: Flux2Params) -> Flux2Transformer2DModel:
@@ -194,8 +195,7 @@ def test_nothing_found_offline_names_every_missing_part(no_env, tmp_path):
 
 def test_text_encoder_loads_from_the_discovered_folder(no_env, tmp_path):
     """QWEN3_4B_PATH pointing at a saved (tiny) Qwen3 folder goes through discovery into the real loader."""
-    from flux2.tiny_text_encoders import save_tiny_qwen3, tiny_qwen3
-    from flux2.util import load_text_encoder
+    from tiny_encoders import save_tiny_qwen3
 
     folder = save_tiny_qwen3(tmp_path / "qwen3")
     no_env.setenv("QWEN3_4B_PATH", str(folder))
@@ -220,3 +220,39 @@ def test_vae_folder_group_count_comes_from_its_config(tmp_path):
     z = torch.randn(1, 16, 4, 4)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.decode(z), ae.decode(z), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- where the weights come from
+
+
+def test_tiny_is_built_from_its_seed_and_has_no_files():
+    info = model_info("tiny")
+    assert info.weights == RandomWeights(seed=0) and not info.needs_files
+    assert info.output_note == "noise image from the random-weight self-test model"
+    assert all(entry.needs_files and not entry.output_note for entry in FLUX2_MODEL_INFO.values() if entry is not info)
+    assert equal_state(load_flow_model("tiny", device="cpu").state_dict(), random_flow_model(TINY_PARAMS).state_dict())
+    assert equal_state(load_ae("tiny", "cpu").state_dict(), random_ae(TINY_AE_PARAMS).state_dict())
+    assert equal_state(load_text_encoder("tiny", "cpu").model.state_dict(), tiny_qwen3()[0].state_dict())
+    assert default_dtype(info, torch.device("cpu")) == torch.float32
+    assert detect_model_name(TINY_PARAMS) is None  # only entries with files are told apart by their shapes
+    for refuse, what in ((find_weights, "has no weight files"), (local_parts, "has no weight files"),
+                         (download_weights, "needs no download")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^the tiny model {what}: it is built from random weights$"):
+            refuse(info, None)
+
+
+def test_any_entry_may_have_random_weights(monkeypatch):
+    """The loaders read the entry's weight source, not its name: its seed and dtype count, and only the tiny text
+    encoder exists with random weights."""
+    klein = model_info("flux.2-klein-4b")
+    random_klein = replace(klein, params=TINY_PARAMS, ae_params=TINY_AE_PARAMS, weights=RandomWeights(7, "float64"))
+    monkeypatch.setitem(FLUX2_MODEL_INFO, klein.name, random_klein)
+    assert not random_klein.needs_files and default_dtype(random_klein, torch.device("cpu")) == torch.float64
+    expected = random_flow_model(TINY_PARAMS, seed=7).double().state_dict()
+    assert equal_state(load_flow_model(klein.name, device="cpu").state_dict(), expected)
+    assert equal_state(load_ae(klein.name, "cpu").state_dict(), random_ae(TINY_AE_PARAMS, seed=7).double().state_dict())
+    with pytest.raises(ValueError, match="its qwen3 text encoder cannot be built from random weights"):
+        load_text_encoder(klein.name, "cpu")
+    for bad in ("fp32", "int64"):
+        with pytest.raises(ValueError, match="must name a torch float dtype"):
+            RandomWeights(dtype=bad)

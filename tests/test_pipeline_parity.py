@@ -40,6 +40,7 @@ from diffusers import (
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as DIFFUSERS_SYSTEM_MESSAGE
 from PIL import Image, ImageChops
+from tiny_encoders import tiny_mistral3
 from torch import Tensor, nn
 
 from flux2.autoencoder import AutoEncoder, AutoEncoderParams
@@ -51,7 +52,7 @@ from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS
 from flux2.sampling import get_schedule
 from flux2.text_encoder import SYSTEM_MESSAGE, Mistral3SmallEmbedder, Qwen3Embedder
 from flux2.tiny import random_ae, random_flow_model
-from flux2.tiny_text_encoders import tiny_mistral3, tiny_qwen3
+from flux2.tiny_text_encoders import tiny_qwen3
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from command import flux2
 from forced_answers import forced_logits, with_yes_no_tokens
 from PIL import Image
 from terminal import Terminal
+from tiny_classifier import save_tiny_image_classifier
+from tiny_encoders import tiny_mistral3
 
 from flux2.cli.config import DEFAULT_PROMPT, Config, parse_key_values, updated
 from flux2.cli.output import Target
@@ -19,8 +21,6 @@ from flux2.pipeline import Flux2Pipeline
 from flux2.provenance import read_provenance
 from flux2.registry import FLUX2_MODEL_INFO, model_info
 from flux2.safety import ANSWER_NO, ANSWER_YES, IntegrityChecker, NSFWClassifier, SafetyPolicy
-from flux2.tiny import save_tiny_image_classifier
-from flux2.tiny_text_encoders import tiny_mistral3
 
 KLEIN = model_info("flux.2-klein-4b")
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +74,16 @@ def test_unknown_keys_are_reported_and_bad_values_name_the_field():
 
 
 def test_model_defaults_and_fixed_parameters():
-    assert Config().prompt == DEFAULT_PROMPT and (Config().width, Config().height) == (1360, 768)
-    assert (Config.for_model(KLEIN).num_steps, Config.for_model(KLEIN).guidance) == (4, 1.0)
+    default = Config().request
+    assert default.prompt == DEFAULT_PROMPT and (default.width, default.height) == (1360, 768)
+    assert (Config.for_model(KLEIN).request.num_steps, Config.for_model(KLEIN).request.guidance) == (4, 1.0)
     base = model_info("flux.2-klein-base-4b")
-    assert (Config.for_model(base).num_steps, Config.for_model(base).guidance) == (50, 4.0)
-    assert updated(Config.for_model(base), {"num_steps": 28, "guidance": 3.5}, base).num_steps == 28
+    assert (Config.for_model(base).request.num_steps, Config.for_model(base).request.guidance) == (50, 4.0)
+    assert updated(Config.for_model(base), {"num_steps": 28, "guidance": 3.5}, base).request.num_steps == 28
     with pytest.raises(ValueError, match="flux.2-klein-4b is a distilled model: num_steps is fixed at 4"):
         updated(Config.for_model(KLEIN), {"num_steps": 28}, KLEIN)
-    with pytest.raises(ValueError, match="width must be a positive multiple of 16 px, got 1000"):
-        updated(Config(), {"width": 1000}, base)
+    with pytest.raises(ValueError, match="width must be a positive multiple of 16 px, at most 4096, got 1000"):
+        updated(Config.for_model(base), {"width": 1000}, base)
     with pytest.raises(ValueError, match="does not use a negative prompt"):
         updated(Config.for_model(KLEIN), {"negative_prompt": "blurry"}, KLEIN)
 
@@ -126,7 +127,8 @@ def test_a_session_through_stdin(tmp_path, cli_env):
     assert "  width                 64\n  height                64\n  seed                  3\n" in out
     assert "  prompt                a red fox in the snow" in out
     assert "! unknown key: colour" in out and "! Unknown command: dance" in out
-    assert "ERROR: width must be a positive multiple of 16 px, got 100\nThe settings are unchanged." in err
+    message = "width must be a positive multiple of 16 px, at most 4096, got 100"
+    assert f"ERROR: {message}\nThe settings are unchanged." in err
     assert "Commands: run, show, reset" in out  # `?` is help
     assert "Saved output/flux2-5.png (seed 5)" in out
     assert "ERROR: ValueError: reference image 0 (broken.png) is not a readable image" in err
@@ -204,7 +206,7 @@ def test_at_a_terminal_menu_then_ctrl_c_cancels_the_run_only(terminal, tmp_path)
     term.expect("! unknown model '99'")
     term.send(str(list(FLUX2_MODEL_INFO).index("tiny") + 1))
     term.expect("> ")
-    term.send("width=64 height=64 seed=1 num_steps=100000")
+    term.send("width=1024 height=1024 seed=1 num_steps=200")  # long enough to interrupt
     term.expect("> ")
     term.send("")
     term.expect("denoising")
@@ -212,7 +214,7 @@ def test_at_a_terminal_menu_then_ctrl_c_cancels_the_run_only(terminal, tmp_path)
     term.expect("cancelling after the current step")
     term.expect("Cancelled; the model is still loaded.")
     term.expect("> ")
-    term.send("num_steps=2")
+    term.send("width=64 height=64 num_steps=2")
     term.expect("> ")
     term.send("")
     term.expect("Saved output/flux2-1.png (seed 1)")
@@ -259,14 +261,14 @@ def test_new_prompts_and_input_images_are_moderated(moderated, tmp_path, capsys)
         repl.handle("a famous person")
     flagged = "Your prompt has been flagged for potential copyright or public personas concerns."
     assert flagged in capsys.readouterr().out
-    assert repl.config.prompt == DEFAULT_PROMPT
+    assert repl.config.request.prompt == DEFAULT_PROMPT
     with forced_logits(model, {no: 50.0}), torch.inference_mode():
         repl.handle("a red fox")
-    assert repl.config.prompt == "a red fox"
+    assert repl.config.request.prompt == "a red fox"
     Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
     repl.handle(f"input_images={tmp_path / 'in.png'}")
     assert f"The image {tmp_path / 'in.png'} has been flagged as unsuitable" in capsys.readouterr().out
-    assert repl.config.input_images == ()
+    assert repl.config.request.reference_images == ()
     (tmp_path / "broken.png").write_text("not an image")
     assert repl.handle_safely(f"input_images={tmp_path / 'broken.png'}") is None  # screened, fails, session goes on
     assert "The model is still loaded" in capsys.readouterr().err

@@ -1,12 +1,16 @@
 """Safety checks on tiny random-weight models: NSFW classifier thresholds, the restricted yes/no LLM answer, policy
-modes (the integrity model is never built outside "full"), and the embedder's reference-named delegates."""
+modes (the integrity model is never built outside "full"), and the reference-named checks on an embedder."""
 
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
 import torch
 from forced_answers import forced_logits, with_yes_no_tokens
 from PIL import Image
+from tiny_classifier import save_tiny_image_classifier
+from tiny_encoders import tiny_mistral3
 from transformers import (
     Mistral3ForConditionalGeneration,
     PixtralImageProcessorPil,
@@ -27,11 +31,12 @@ from flux2.safety import (
     SafetyPolicy,
     SafetyVerdict,
     resize_to_pixels,
+    test_image,
+    test_txt,
 )
 from flux2.system_messages import PROMPT_TEXT_INTEGRITY, SYSTEM_PROMPT_CONTENT_FILTER
 from flux2.text_encoder import Mistral3SmallEmbedder
-from flux2.tiny import save_tiny_image_classifier
-from flux2.tiny_text_encoders import tiny_mistral3, tiny_qwen3
+from flux2.tiny_text_encoders import tiny_qwen3
 
 MERGED_PATCH = 32  # Mistral-3 merges 2x2 Pixtral patches of 16 px: one image token per 32x32 px
 
@@ -345,16 +350,23 @@ def test_content_flagged_names_check_and_stage():
         SafetyVerdict(True, "integrity_llm", "input", "")
 
 
-# ----------------------------------------------------------------------------- embedder delegates
+# ----------------------------------------------------------------------------- reference-named checks
 
 
-def test_embedder_test_txt_and_test_image_delegate(mistral):
+def test_reference_named_checks_run_the_embedders_model(mistral):
     model, tokenizer, processor = mistral
     yes, no, _ = token_ids(tokenizer)
     embedder = Mistral3SmallEmbedder(model, processor=processor)
     for token, flagged in ((yes, True), (no, False)):
         with forced_logits(model, {token: 50.0}):
-            assert embedder.test_txt("a cat") is flagged
-            assert embedder.test_image(image()) is flagged
+            assert test_txt(embedder, "a cat") is flagged
+            assert test_image(embedder, image()) is flagged
     with pytest.raises(ValueError, match="needs a processor that handles images"):
-        Mistral3SmallEmbedder(model, processor=tokenizer).test_image(image())
+        test_image(Mistral3SmallEmbedder(model, processor=tokenizer), image())
+
+
+def test_text_encoder_does_not_import_safety():
+    """The dependency runs one way: the encoder only embeds (a fresh interpreter, so nothing is imported yet)."""
+    code = "import sys, flux2.text_encoder; print('flux2.safety' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

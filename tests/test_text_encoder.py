@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as DIFFUSERS_SYSTEM_MESSAGE
+from tiny_encoders import save_tiny_mistral3, save_tiny_qwen3, tiny_mistral3
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from flux2.text_encoder import (
@@ -16,13 +17,7 @@ from flux2.text_encoder import (
     load_mistral_small_embedder,
     load_qwen3_embedder,
 )
-from flux2.tiny_text_encoders import (
-    TINY_HIDDEN,
-    save_tiny_mistral3,
-    save_tiny_qwen3,
-    tiny_mistral3,
-    tiny_qwen3,
-)
+from flux2.tiny_text_encoders import TINY_HIDDEN, tiny_qwen3
 
 # A plain prompt, the empty CFG prompt, and one with a literal [IMG] marker.
 PROMPTS = ["a red fox jumping over a frozen creek at dawn", "", "two cats [IMG] on a sofa"]

@@ -14,11 +14,12 @@ import pytest
 import torch
 from chat_api import ChatServer, Reply, completion, running_chat_server
 from PIL import Image
+from tiny_encoders import save_tiny_mistral3, save_tiny_qwen3, tiny_mistral3
 from transformers import Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
-from flux2.sampling import cap_pixels
+from flux2.images import cap_pixels
 from flux2.system_messages import SYSTEM_MESSAGE_UPSAMPLING_I2I, SYSTEM_MESSAGE_UPSAMPLING_T2I
-from flux2.tiny_text_encoders import save_tiny_mistral3, save_tiny_qwen3, tiny_mistral3, tiny_qwen3
+from flux2.tiny_text_encoders import tiny_qwen3
 from flux2.upsampling import (
     UPSAMPLING_MAX_IMAGE_SIZE,
     LocalUpsampler,

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from safetensors.torch import save_file
+from tiny_encoders import save_tiny_qwen3
 
 from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae_config
 from flux2.checkpoints.transformer import diffusers_transformer_config, transformer_original_to_diffusers
 from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS, model_info
 from flux2.tiny import random_ae, random_flow_model
-from flux2.tiny_text_encoders import save_tiny_qwen3, tiny_qwen3
+from flux2.tiny_text_encoders import tiny_qwen3
 
 FLOW_SEED, AE_SEED, TEXT_SEED = 11, 12, 13
 

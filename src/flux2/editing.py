@@ -5,7 +5,7 @@ and torch on small tensors; the pipeline does the model work.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,21 +13,16 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 from torch import Tensor
 
+from flux2.images import image_sha256, open_image_input, open_mask
+from flux2.request import GenerationRequest
 from flux2.sampling import PIXELS_PER_TOKEN
 
-WORK_PIXELS = 1024**2  # diffusers' inpaint cap: larger images are edited at about 1 MP and scaled back
 MASK_WHITE = {"1": 255, "L": 255, "I;16": 65535, "I": 65535, "F": 1.0}  # single-channel modes and their white
 ASPECT_TOLERANCE = 0.02  # a mask may differ in size from its image, not in shape
 MAX_CROP_ASPECT = 4  # a crop around a thin mask is widened to at most this aspect ratio
 
 
-def check_strength(strength: float) -> float:
-    if not isinstance(strength, int | float) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    return float(strength)
-
-
-def working_size(width: int, height: int, max_pixels: int = WORK_PIXELS, upscale: bool = False) -> tuple[int, int]:
+def working_size(width: int, height: int, max_pixels: int, upscale: bool = False) -> tuple[int, int]:
     """The size the model edits at: scaled down to `max_pixels` if larger (and up to it with `upscale`, for a
     crop), aspect kept, floored to 16 px."""
     scale = math.sqrt(max_pixels / (width * height))
@@ -72,8 +67,6 @@ def feathered(mask: Image.Image, radius: float, inward: bool = False) -> Image.I
     """A soft edge about `radius` px wide. Outward (for the latents) the white area stays fully white and the edge
     lies in the kept area; inward (for the final composite) every black pixel stays black, so the kept pixels are
     exactly the source, and the edge lies in the regenerated area."""
-    if not isinstance(radius, int | float) or radius < 0:
-        raise ValueError(f"mask_blur must be a number of px >= 0, got {radius!r}")
     if radius == 0:
         return mask
     size = 2 * math.ceil(radius / 2) + 1  # move the edge by half the radius, then blur across the other half
@@ -116,8 +109,6 @@ class Box:
 def mask_box(mask: Image.Image, padding: int) -> Box | None:
     """The mask's bounding box grown by `padding` px on every side, its short side widened to at most
     MAX_CROP_ASPECT : 1 and to at least 64 px, within the image; None for an empty mask."""
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"crop_padding must be a whole number of px >= 0, got {padding!r}")
     bbox = mask.getbbox()
     if bbox is None:
         return None
@@ -141,19 +132,74 @@ def _span(centre: float, length: int, limit: int) -> tuple[int, int]:
 def outpaint_canvas(
     image: Image.Image, left: int, right: int, top: int, bottom: int
 ) -> tuple[Image.Image, Image.Image]:
-    """The image on a larger canvas (the new border repeats its edge pixels) and the mask of the new border."""
-    margins = {"left": left, "right": right, "top": top, "bottom": bottom}
-    for name, value in margins.items():
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"outpaint margin {name} must be a whole number of px >= 0, got {value!r}")
+    """The image on a larger canvas (the new border repeats its edge pixels) and the mask of the new border.
+    The margins are checked by flux2.request (whole px >= 0, at least one above 0)."""
     width, height = image.width + left + right, image.height + top + bottom
     if width % PIXELS_PER_TOKEN or height % PIXELS_PER_TOKEN:
         raise ValueError(
             f"outpainting {image.width}x{image.height} by left {left}, right {right}, top {top}, bottom {bottom} "
             f"gives {width}x{height} px: both sides must be multiples of {PIXELS_PER_TOKEN} (change the margins)"
         )
-    if left + right + top + bottom == 0:
-        raise ValueError("outpaint needs at least one margin > 0 (left, right, top or bottom)")
     pixels = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = ImageOps.expand(Image.new("L", image.size, 0), border=(left, top, right, bottom), fill=255)
     return Image.fromarray(pixels), mask
+
+
+@dataclass(frozen=True)
+class EditSource:
+    """Where image-to-image and inpainting start, and how an inpainted region goes back into its source."""
+
+    mode: str  # "img2img" | "inpaint" | "outpaint"
+    image: Image.Image  # the source as given
+    work: Image.Image  # the region being edited, at the size the model runs at
+    strength: float
+    as_reference: bool = False  # the clean source also conditions the model (reference tokens, t = 10)
+    work_mask: Image.Image | None = None  # soft mask at the working size (inpainting), white = regenerate
+    mask: Image.Image | None = None  # soft mask at the source's size, for the pixel composite
+    region: Box | None = None  # the crop being edited, in source pixels (None: all of it)
+    settings: dict = field(default_factory=dict)  # how the edit was set up, for the record
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.image.size if self.mask is not None else self.work.size
+
+    def paste(self, generated: Image.Image) -> Image.Image:
+        """Inpainting: the generated region scaled back into the source, the kept pixels exactly the source's."""
+        if self.mask is None:
+            return generated
+        region = self.region or Box(0, 0, *self.image.size)
+        placed = self.image.convert("RGB")
+        placed.paste(generated.resize(region.size, Image.Resampling.LANCZOS), region.as_tuple()[:2])
+        return composite(placed, self.image, self.mask)
+
+
+def edit_source(request: GenerationRequest) -> EditSource:
+    """How an edit's source image is prepared: the working region and size, the soft masks, the record."""
+    image = open_image_input(request.image, "source image")
+    if request.mode == "img2img":
+        work = image.resize(working_size(*image.size, request.max_pixels), Image.Resampling.LANCZOS)
+        return EditSource("img2img", image, work, request.strength, settings={"max_pixels": request.max_pixels})
+    if request.mode == "inpaint":
+        hard = binary_mask(open_mask(request.mask), image.size)
+        settings = {"mask": image_sha256(hard), "mask_blur": request.mask_blur, "crop_padding": request.crop_padding}
+        return _masked_source(request, image, hard, settings)
+    margins = {"left": request.left, "right": request.right, "top": request.top, "bottom": request.bottom}
+    canvas, mask = outpaint_canvas(image, **margins)
+    return _masked_source(request, canvas, mask, {"original": image_sha256(image), **margins,
+                                                  "mask_blur": request.mask_blur})  # fmt: skip
+
+
+def _masked_source(request: GenerationRequest, source: Image.Image, hard: Image.Image, settings: dict) -> EditSource:
+    """Inpainting and outpainting: the region to edit (the mask's box with `crop_padding`), scaled to the
+    working size, with the mask softened outward for the latents and inward for the final composite."""
+    blur, region = request.mask_blur, None
+    if request.crop_padding is not None:  # the box holds the whole soft edge
+        region = mask_box(hard, request.crop_padding + math.ceil(2 * blur))
+    box = region or Box(0, 0, *source.size)
+    work_size = working_size(*box.size, request.max_pixels, upscale=region is not None)
+    work = source.crop(box.as_tuple()).resize(work_size, Image.Resampling.LANCZOS)
+    work_hard = hard.crop(box.as_tuple()).resize(work_size, Image.Resampling.NEAREST)
+    settings = {**settings, "source_as_reference": request.source_as_reference, "work_size": list(work_size)}
+    return EditSource(request.mode, source, work, request.strength, request.source_as_reference,
+                   feathered(work_hard, blur * work_size[0] / box.size[0]), feathered(hard, blur, inward=True),
+                   region, settings)  # fmt: skip

@@ -27,7 +27,6 @@ file meaningful.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -187,13 +186,6 @@ def load_image_encoder(
 
 
 # ----------------------------------------------------------------------------- adapter
-
-
-def check_scale(scale: object) -> float:
-    """`ip_adapter_scale` as a float: a finite number >= 0 (0 means no adapter tokens)."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"ip_adapter_scale must be a finite number >= 0, got {scale!r}")
-    return float(scale)
 
 
 def _check_images(images: object) -> list[Image.Image]:

@@ -5,6 +5,8 @@ Insertion order matters: the first entry is the default model.
 
 from dataclasses import dataclass, field
 
+import torch
+
 from flux2.autoencoder import AutoEncoderParams
 from flux2.model import Flux2Params, Klein4BParams, Klein9BParams
 
@@ -25,7 +27,7 @@ TINY_PARAMS = Flux2Params(
 
 @dataclass(frozen=True)
 class TextEncoderInfo:
-    kind: str  # "qwen3" | "mistral3" | "tiny"
+    kind: str  # "qwen3" | "mistral3" | "tiny" (flux2.tiny_text_encoders.tiny_qwen3: random weights only)
     repo_id: str  # default Hub id of the weights
     env_var: str  # folder of the weights (transformers layout)
     tokenizer_repo_id: str
@@ -43,6 +45,34 @@ MISTRAL_SMALL = TextEncoderInfo(
     "MISTRAL_TOKENIZER_PATH",
 )
 TINY_TEXT = TextEncoderInfo("tiny", "", "", "", "")
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Published weights: found through environment variables, a weights folder or the Hugging Face Hub
+    (`flux2.weights` says where it looks)."""
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    """No files: the transformer and autoencoder are built with random weights from `seed` (`flux2.tiny`), in
+    `dtype` unless the caller asks for another; so is the text encoder, which must be the "tiny" kind. Such a model
+    runs the whole code path offline and produces noise images."""
+
+    seed: int = 0
+    dtype: str = "float32"  # a torch dtype's name
+
+    def __post_init__(self) -> None:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"RandomWeights.dtype must name a torch float dtype (e.g. 'float32'), got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+WeightSource = HubWeights | RandomWeights
 
 
 @dataclass(frozen=True)
@@ -65,14 +95,17 @@ class ModelInfo:
     height: int = 1024
     licence: str = ""
     description: str = ""
+    weights: WeightSource = HubWeights()
+    output_note: str = ""  # recorded with every image the model makes (e.g. that it is noise)
 
     @property
     def uses_cfg(self) -> bool:
         return not self.guidance_distilled
 
     @property
-    def is_tiny(self) -> bool:
-        return self.text_encoder.kind == "tiny"
+    def needs_files(self) -> bool:
+        """False for a model built from random weights: nothing to find, download or check on disk."""
+        return isinstance(self.weights, HubWeights)
 
     def check_fixed(self, num_steps, guidance) -> None:
         """A distilled model runs only at the settings it was distilled for; anything else is a clear error."""
@@ -120,7 +153,8 @@ FLUX2_MODEL_INFO: dict[str, ModelInfo] = {
                   description="32B, guidance-distilled (embedded guidance), Mistral-Small-3.2 text encoder"),
         ModelInfo(name="tiny", repo_id="", filename="", params=TINY_PARAMS, text_encoder=TINY_TEXT, env_var="",
                   num_steps=4, guidance=1.0, ae_params=TINY_AE_PARAMS, width=256, height=256,
-                  description="random-weight self-test model: runs every part offline, PRODUCES NOISE IMAGES"),
+                  description="random-weight self-test model: runs every part offline, PRODUCES NOISE IMAGES",
+                  weights=RandomWeights(seed=0), output_note="noise image from the random-weight self-test model"),
     ]
 }  # fmt: skip
 

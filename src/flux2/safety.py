@@ -8,7 +8,8 @@ Where the reference moderates (its `scripts/cli.py`):
 The reference folds both checks into its Mistral text encoder (`test_txt`, `test_image`). Here they are separate
 objects, `NSFWClassifier` and `IntegrityChecker`, and `SafetyPolicy` decides which of them run: "off" (nothing),
 "classifier" (the small image classifier only) or "full" (both, as the reference). The 24B integrity model is
-loaded only when a "full" policy first needs it.
+loaded only when a "full" policy first needs it. `test_txt(embedder, prompt)` and `test_image(embedder, image)`
+keep the reference's names, taking the encoder instead of being its methods.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from flux2.sampling import open_image, tensor_to_image
+from flux2.images import open_image, tensor_to_image
 from flux2.system_messages import (
     PROMPT_IMAGE_INTEGRITY,
     PROMPT_IMAGE_INTEGRITY_FOLLOW_UP,
@@ -46,6 +47,7 @@ from flux2.text_encoder import (
     DEFAULT_DTYPE,
     MISTRAL_MODEL_ID,
     MISTRAL_PROCESSOR_ID,
+    Mistral3SmallEmbedder,
     PathLike,
     TextPreprocessor,
     load_processor,
@@ -282,6 +284,24 @@ class IntegrityChecker:
         self.require_image_support()
         image = resize_to_pixels(as_pil_image(image))
         return self._verdict(self.image_conversation(image), stage)
+
+
+# The reference's `Mistral3SmallEmbedder.test_txt` / `test_image`, as functions of the encoder: the encoder only
+# embeds, and the dependency runs one way (safety uses text_encoder, never the reverse).
+
+
+def test_txt(embedder: Mistral3SmallEmbedder, prompt: str) -> bool:
+    """True if the encoder's model, as the integrity checker, flags `prompt`."""
+    return IntegrityChecker(embedder.model, embedder.processor).check_text(prompt).flagged
+
+
+def test_image(embedder: Mistral3SmallEmbedder, image: ImageInput) -> bool:
+    """True if the encoder's model flags the image (PIL, path or [-1, 1] tensor). Only the integrity LLM runs:
+    unlike the reference, the NSFW classifier is not part of the encoder (NSFWClassifier, SafetyPolicy)."""
+    return IntegrityChecker(embedder.model, embedder.processor).check_image(image).flagged
+
+
+test_txt.__test__ = test_image.__test__ = False  # not tests, even when a test module imports them by name
 
 
 # ----------------------------------------------------------------------------- policy

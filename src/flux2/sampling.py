@@ -6,13 +6,13 @@ Position ids have four int64 axes (t, h, w, l): text token j is (0, 0, 0, j), ta
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
+
+from flux2.images import cap_pixels, image_to_tensor
 
 # Reference-image pixel caps of the reference code: 2024**2 (sic, not 2048**2) for a single reference,
 # 1024**2 for each of several.
@@ -112,44 +112,11 @@ def cap_min_pixels(img: Image.Image, min_side: int = REF_MIN_SIDE, max_aspect: f
         raise ValueError(f"reference image is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.2f} exceeds {max_aspect}")
 
 
-def cap_pixels(img: Image.Image, k: int) -> Image.Image:
-    """Downscale (LANCZOS, floor sizes) so that width * height <= k; smaller images are returned unchanged."""
-    w, h = img.size
-    if w * h <= k:
-        return img
-    s = math.sqrt(k / (w * h))
-    return img.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS)
-
-
 def center_crop_to_multiple_of_x(img: Image.Image, x: int) -> Image.Image:
     w, h = img.size
     new_w, new_h = w // x * x, h // x * x
     left, top = (w - new_w) // 2, (h - new_h) // 2
     return img.crop((left, top, left + new_w, top + new_h))
-
-
-def image_to_tensor(img: Image.Image) -> Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
-    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
-
-
-def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """An RGB image from a file, with an error that names `what` when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} not found: {path}")
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{what} ({path}) is not a readable image: {err}") from err
-
-
-def tensor_to_image(pixels: Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> uint8 RGB image; truncation (not rounding), as the reference converts."""
-    x = pixels.detach().float().clamp(-1, 1).permute(1, 2, 0)
-    return Image.fromarray((127.5 * (x + 1.0)).byte().cpu().numpy())
 
 
 def default_prep(img: Image.Image, limit_pixels: int) -> Tensor:
@@ -158,18 +125,6 @@ def default_prep(img: Image.Image, limit_pixels: int) -> Tensor:
     cap_min_pixels(img)
     img = cap_pixels(img, limit_pixels)
     return image_to_tensor(center_crop_to_multiple_of_x(img, PIXELS_PER_TOKEN))
-
-
-def concatenate_images(images: list[Image.Image]) -> Image.Image:
-    """Side by side on a white background, vertically centred (used for prompt upsampling inputs)."""
-    width = sum(im.width for im in images)
-    height = max(im.height for im in images)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    x = 0
-    for im in images:
-        canvas.paste(im.convert("RGB"), (x, (height - im.height) // 2))
-        x += im.width
-    return canvas
 
 
 def ref_pixel_limit(num_refs: int) -> int:

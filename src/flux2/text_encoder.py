@@ -226,19 +226,6 @@ class Mistral3SmallEmbedder(nn.Module):
         )
         return _stacked_hidden_states(self.model, tokens["input_ids"], tokens["attention_mask"], OUTPUT_LAYERS_MISTRAL)
 
-    def test_txt(self, prompt: str) -> bool:
-        """True if this model, as the integrity checker, flags `prompt` (the reference's name; see flux2.safety)."""
-        from flux2.safety import IntegrityChecker  # deferred: flux2.safety imports this module
-
-        return IntegrityChecker(self.model, self.processor).check_text(prompt).flagged
-
-    def test_image(self, image) -> bool:
-        """True if this model flags the image (PIL, path or [-1, 1] tensor). Only the integrity LLM runs: unlike
-        the reference, the NSFW classifier is not part of the encoder (flux2.safety.NSFWClassifier, SafetyPolicy)."""
-        from flux2.safety import IntegrityChecker  # deferred: flux2.safety imports this module
-
-        return IntegrityChecker(self.model, self.processor).check_image(image).flagged
-
 
 def load_processor(path: PathLike) -> TextPreprocessor:
     try:

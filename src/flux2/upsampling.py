@@ -42,7 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from flux2.sampling import cap_pixels, concatenate_images
+from flux2.images import cap_pixels, concatenate_images
 from flux2.system_messages import SYSTEM_MESSAGE_UPSAMPLING_I2I, SYSTEM_MESSAGE_UPSAMPLING_T2I
 from flux2.text_encoder import (
     DEFAULT_DTYPE,

@@ -22,7 +22,7 @@ from flux2.checkpoints.transformer import (
     transformer_diffusers_to_original,
 )
 from flux2.model import Flux2, Flux2Params
-from flux2.registry import FLUX2_MODEL_INFO, ModelInfo, model_info
+from flux2.registry import FLUX2_MODEL_INFO, ModelInfo, RandomWeights, model_info
 from flux2.weights import find_ae, find_text_encoder, find_transformer, resolve_weights_dir
 
 __all__ = [
@@ -49,9 +49,16 @@ def default_device() -> torch.device:
 
 
 def default_dtype(info: ModelInfo, device: torch.device) -> torch.dtype:
-    """bf16 (the checkpoints' dtype) for real models; fp32 for the tiny self-test model, and on Apple MPS,
-    where bf16 runs have given NaN / black images (the studio app's finding)."""
-    return torch.float32 if info.is_tiny or device.type == "mps" else torch.bfloat16
+    """bf16 (the checkpoints' dtype) for real models; the entry's own dtype for random weights (fp32 for `tiny`);
+    fp32 on Apple MPS, where bf16 runs have given NaN / black images (the studio app's finding)."""
+    if (random := _random_weights(info)) is not None:
+        return random.torch_dtype
+    return torch.float32 if device.type == "mps" else torch.bfloat16
+
+
+def _random_weights(info: ModelInfo | None) -> RandomWeights | None:
+    """The entry's random-weight source, or None when its weights are files (or there is no entry)."""
+    return info.weights if info is not None and isinstance(info.weights, RandomWeights) else None
 
 
 # ----------------------------------------------------------------------------- transformer
@@ -69,7 +76,7 @@ def detect_model_name(params: Flux2Params) -> str | None:
     """The first registry name with this architecture (None if none). Shapes cannot tell the base and KV
     variants from the distilled model they share an architecture with: pass a name to get those."""
     for name, info in FLUX2_MODEL_INFO.items():
-        if asdict(info.params) == asdict(params) and not info.is_tiny:
+        if info.needs_files and asdict(info.params) == asdict(params):
             return name
     return None
 
@@ -92,8 +99,8 @@ def load_flow_model(
     if name is None and path is None:
         raise ValueError("load_flow_model needs a model name or a checkpoint path")
     info = model_info(name) if name is not None else None
-    if info is not None and info.is_tiny:
-        return _random_flow_model(info.params, device, dtype or torch.float32)
+    if (random := _random_weights(info)) is not None:
+        return _random_flow_model(info.params, device, dtype or random.torch_dtype, random.seed)
     if debug_mode:
         if info is None:
             raise ValueError("debug_mode needs a model name (it builds that architecture with random weights)")
@@ -128,10 +135,10 @@ def _warn_if_not_preset(path, name: str, part: str, found, preset) -> None:
         )  # fmt: skip
 
 
-def _random_flow_model(params: Flux2Params, device: torch.device, dtype: torch.dtype) -> Flux2:
+def _random_flow_model(params: Flux2Params, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Flux2:
     from flux2.tiny import random_flow_model
 
-    return random_flow_model(params).to(device=device, dtype=dtype).eval()
+    return random_flow_model(params, seed).to(device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -163,10 +170,10 @@ def load_ae(
     """The FLUX.2 autoencoder from `ae.safetensors` or a diffusers `vae/` folder; fp32 unless dtype is given."""
     device = torch.device(device) if device is not None else default_device()
     info = model_info(name)
-    if info.is_tiny and path is None:
+    if (random := _random_weights(info)) is not None and path is None:
         from flux2.tiny import random_ae
 
-        return random_ae(info.ae_params).to(device=device, dtype=dtype or torch.float32).eval()
+        return random_ae(info.ae_params, random.seed).to(device=device, dtype=dtype or random.torch_dtype).eval()
     if path is None:
         path = find_ae(info, resolve_weights_dir(weights_dir))
     log.info("Loading %s for the AutoEncoder weights", path)
@@ -197,11 +204,8 @@ def load_text_encoder(
 
     device = torch.device(device) if device is not None else default_device()
     info = model_info(name)
-    if info.is_tiny:
-        from flux2.tiny_text_encoders import tiny_qwen3
-
-        model, tokenizer = tiny_qwen3()
-        return Qwen3Embedder(model, device, tokenizer=tokenizer, dtype=dtype or torch.float32).eval()
+    if (random := _random_weights(info)) is not None:
+        return _random_text_encoder(info, random, device, dtype or random.torch_dtype)
     if path is None:
         path, tokenizer_path = find_text_encoder(info.text_encoder, resolve_weights_dir(weights_dir))
     model_path, tokenizer_path = path, tokenizer_path or path
@@ -212,3 +216,18 @@ def load_text_encoder(
         if info.text_encoder.kind == "mistral3":
             return Mistral3SmallEmbedder(model_path, device, processor=tokenizer_path, dtype=dtype).eval()
         return Qwen3Embedder(model_path, device, tokenizer=tokenizer_path, dtype=dtype).eval()
+
+
+def _random_text_encoder(info: ModelInfo, random: RandomWeights, device: torch.device, dtype: torch.dtype):
+    """The text encoder of a random-weight entry; only the tiny Qwen3 exists with random weights (a random 4B or
+    24B encoder would cost what the real one does and say nothing)."""
+    from flux2.text_encoder import Qwen3Embedder
+    from flux2.tiny_text_encoders import tiny_qwen3
+
+    if info.text_encoder.kind != "tiny":
+        raise ValueError(
+            f"{info.name} has random weights, but its {info.text_encoder.kind} text encoder cannot be built from "
+            f"random weights: only the 'tiny' text encoder can"
+        )
+    model, tokenizer = tiny_qwen3(random.seed)
+    return Qwen3Embedder(model, device, tokenizer=tokenizer, dtype=dtype).eval()

@@ -128,6 +128,12 @@ def find_tokenizer(
     return _hub_snapshot(enc.tokenizer_repo_id, TOKENIZER_PATTERNS, download, what, enc.tokenizer_env_var)
 
 
+def _refuse_random(info: ModelInfo, what: str) -> None:
+    """A model built from random weights has nothing on disk: asking for its files is a caller's mistake."""
+    if not info.needs_files:
+        raise ValueError(f"the {info.name} model {what}: it is built from random weights")
+
+
 def resolve_weights_dir(weights_dir: Path | str | None) -> Path | None:
     """The weights folder given, else $FLUX2_WEIGHTS_DIR; one that does not exist is an error, not ignored."""
     folder = Path(weights_dir).expanduser() if weights_dir is not None else weights_dir_from_env()
@@ -146,8 +152,7 @@ def find_weights(
     (the gated repos), so nothing large is fetched before an unavailable part is known. Every part that cannot
     be found is named in one error.
     """
-    if info.is_tiny:
-        raise ValueError("the tiny model has no weight files: it is built from random weights")
+    _refuse_random(info, "has no weight files")
     folder = resolve_weights_dir(weights_dir)
     finders = {
         "transformer": lambda dl: find_transformer(info, folder, dl),
@@ -194,8 +199,7 @@ def local_parts(info: ModelInfo, weights_dir: Path | None) -> dict[str, LocalPar
     `weights_dir` is used as given (see resolve_weights_dir). A part that is missing, or whose variable names a
     path that does not exist, is reported with the reason rather than raised.
     """
-    if info.is_tiny:
-        raise ValueError("the tiny model has no weight files: it is built from random weights")
+    _refuse_random(info, "has no weight files")
     enc = info.text_encoder
     found = {
         "transformer": _look_up(lambda: find_transformer(info, weights_dir, download=False)),
@@ -268,8 +272,7 @@ def download_weights(
     is checked first, so nothing large is downloaded before an unreachable Hub or a closed repo is known.
     Failures raise WeightsDownloadError naming the repository and what to do.
     """
-    if info.is_tiny:
-        raise ValueError("the tiny model needs no download: it is built from random weights")
+    _refuse_random(info, "needs no download")
     wanted = parts_wanted(parts)
     folder = resolve_weights_dir(weights_dir)
     here = local_parts(info, folder)

@@ -15,6 +15,8 @@ from sqlalchemy import inspect, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlmodel import SQLModel, select
 
+from flux2.registry import model_info
+from flux2.request import GenerationRequest
 from flux2.studio.config import StudioSettings
 from flux2.studio.db import MIGRATIONS_DIR, alembic_config, make_engine, session_scope, upgrade
 from flux2.studio.jobs_store import (
@@ -26,10 +28,12 @@ from flux2.studio.jobs_store import (
     AssetStore,
     JobStore,
 )
+from flux2.studio.payloads import ImageJob, InpaintJob, read_payload
 from flux2.studio.records import TERMINAL, Asset, Element, Job, JobStatus, Project
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 TABLES = {"project", "element", "asset", "job"}
+TINY = model_info("tiny")
 
 
 @pytest.fixture
@@ -75,8 +79,13 @@ def make_asset(job_id: str | None, project_id: str | None = None, name: str = "a
     )
 
 
+def image_job(prompt: str = "a cat", project_id: str = "p0", **request) -> ImageJob:
+    """An image job's payload, its request resolved for the tiny model (so its seed is drawn)."""
+    return ImageJob(project_id=project_id, request=GenerationRequest(prompt=prompt, **request).resolve(TINY))
+
+
 def running_job(store: JobStore, **kw) -> Job:
-    job = store.create("image", kw.pop("project_id", None), "a cat", {"width": 64}, **kw)
+    job = store.create(image_job(project_id=kw.pop("project_id", "p0"), width=64, **kw))
     assert store.start(job.id)
     return job
 
@@ -135,11 +144,12 @@ def test_migrations_build_the_schema_from_empty(url):
 def test_upgrade_again_keeps_the_data(engine, store):
     with session_scope(engine) as session:
         session.add(Project(id="p1", name="Film"))
-    job = store.create("image", "p1", "a cat", {"steps": 4})
+    payload = image_job(project_id="p1", num_steps=4)
+    job = store.create(payload)
     upgrade(engine)
     upgrade(str(engine.url))
     assert revision_of(engine) == HEAD
-    assert store.get(job.id).params == {"steps": 4}
+    assert read_payload(store.get(job.id)) == payload
     with session_scope(engine) as session:
         assert session.get(Project, "p1").name == "Film"
 
@@ -214,7 +224,7 @@ def test_a_failing_revision_leaves_the_database_as_it_was(tmp_path, engine):
 
 
 def test_timestamps_are_utc_aware_and_naive_ones_are_refused(engine, store):
-    job = store.create("image", None, "a cat", {})
+    job = store.create(image_job())
     assert store.get(job.id).created_at.tzinfo == UTC
     with pytest.raises(StatementError, match="timezone-aware"), session_scope(engine) as session:
         session.add(Project(name="naive", created_at=datetime(2025, 1, 1)))
@@ -236,23 +246,23 @@ def test_deleting_a_project_removes_its_elements_and_assets(engine, assets):
 
 
 def test_create_and_get(store):
-    job = store.create("inpaint", "p1", "a cat", {"mask": "/uploads/m.png"}, seed=5)
+    request = GenerationRequest(prompt="a cat", mode="inpaint", image="/uploads/i.png", mask="/uploads/m.png", seed=5)
+    payload = InpaintJob(project_id="p1", request=request.resolve(TINY))
+    job = store.create(payload)
     assert job.id.startswith("job_")
     got = store.get(job.id)
     assert (got.status, got.type, got.project_id, got.seed, got.attempts) == ("pending", "inpaint", "p1", 5, 0)
-    assert got.params == {"mask": "/uploads/m.png"}
+    assert got.prompt == "a cat" and read_payload(got) == payload and read_payload(got).request.mask == "/uploads/m.png"
     assert store.get("job_missing") is None
-    assert store.create("image", None, "", {}, job_id="job_client1").id == "job_client1"
+    assert store.create(image_job(""), job_id="job_client1").id == "job_client1"
     with pytest.raises(ValueError, match="already taken"):
-        store.create("image", None, "", {}, job_id="job_client1")
+        store.create(image_job(""), job_id="job_client1")
     with pytest.raises(ValueError, match="job_id"):
-        store.create("image", None, "", {}, job_id="../../etc")
-    with pytest.raises(ValueError, match="job type"):
-        store.create("video", None, "", {})
+        store.create(image_job(""), job_id="../../etc")
 
 
 def test_start_progress_complete(store):
-    job = store.create("image", "p1", "a cat", {})
+    job = store.create(image_job(project_id="p1", seed=1234))
     assert store.progress(job.id, 10, "too early") is False  # only while processing
     assert store.start(job.id)
     assert store.start(job.id) is False
@@ -263,16 +273,14 @@ def test_start_progress_complete(store):
     for bad in (-1, 101, 50.5, True):
         with pytest.raises(ValueError, match="progress"):
             store.progress(job.id, bad, "")
-    assert store.annotate(job.id, seed=1234, enhanced_prompt="a fluffy cat")
-    with pytest.raises(ValueError, match="annotate"):
-        store.annotate(job.id)
-    assert store.complete(job.id, "asset1", "/projects/p1/generated/x.jpg", "/projects/p1/thumbnails/x.jpg", None)
+    urls = ("/projects/p1/generated/x.jpg", "/projects/p1/thumbnails/x.jpg")
+    assert store.complete(job.id, "asset1", *urls, enhanced_prompt="a fluffy cat")
     done = store.get(job.id)
     assert (done.status, done.progress, done.asset_id, done.seed) == ("completed", 100, "asset1", 1234)
     assert (done.enhanced_prompt, done.output_url) == ("a fluffy cat", "/projects/p1/generated/x.jpg")
     assert done.finished_at >= done.started_at >= done.created_at
     # Nothing moves a finished job.
-    assert store.complete(job.id, "asset2", None, None, 1) is False
+    assert store.complete(job.id, "asset2", None, None) is False
     assert store.progress(job.id, 10, "late") is False
     assert store.fail(job.id, "late") is False
     assert store.mark_cancelled(job.id) is False
@@ -282,23 +290,23 @@ def test_start_progress_complete(store):
 
 
 def test_fail_from_pending_and_from_processing(store):
-    queued = store.create("image", None, "a", {})
+    queued = store.create(image_job("a"))
     assert store.fail(queued.id, "reference not found")
     running = running_job(store)
     assert store.fail(running.id, "CUDA out of memory")
     for job_id, message in ((queued.id, "reference not found"), (running.id, "CUDA out of memory")):
         job = store.get(job_id)
         assert (job.status, job.error_message, job.finished_at is not None) == ("failed", message, True)
-    assert store.complete(running.id, None, None, None, None) is False
+    assert store.complete(running.id, None, None, None) is False
     assert store.start(queued.id) is False
 
 
 def test_cancel_a_pending_job_at_once(store):
-    job = store.create("image", None, "a", {})
+    job = store.create(image_job("a"))
     assert store.cancel(job.id) == CANCELLED
     assert status_of(store, job.id) == "cancelled"
     assert store.start(job.id) is False  # the worker skips it
-    assert store.complete(job.id, "a", None, None, None) is False
+    assert store.complete(job.id, "a", None, None) is False
     assert store.cancel(job.id) == NOT_FOUND_OR_DONE
     assert store.cancel("job_unknown") == NOT_FOUND_OR_DONE
 
@@ -312,14 +320,14 @@ def test_cancel_a_running_job_flags_it_until_the_worker_stops(store):
     assert store.progress(job.id, 30, "stopping")  # still processing until the worker notices
     assert store.mark_cancelled(job.id)
     assert status_of(store, job.id) == "cancelled"
-    assert store.complete(job.id, "a", None, None, None) is False  # complete() on a cancelled job does nothing
+    assert store.complete(job.id, "a", None, None) is False  # complete() on a cancelled job does nothing
     assert store.fail(job.id, "x") is False
     assert store.mark_cancelled(job.id) is False
     assert store.get(job.id).asset_id is None
 
 
 def test_two_workers_starting_the_same_job_one_wins(store):
-    jobs = [store.create("image", None, f"job {i}", {}) for i in range(20)]
+    jobs = [store.create(image_job(f"job {i}")) for i in range(20)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         for job in jobs:
             barrier = threading.Barrier(2)
@@ -337,11 +345,11 @@ def test_many_threads_write_without_locking_errors(store):
     """SQLite has one writer at a time: the others wait (busy timeout) rather than fail."""
 
     def lifecycle(i: int) -> str:
-        job = store.create("image", "p1", f"job {i}", {"i": i})
+        job = store.create(image_job(f"job {i}", "p1"))
         assert store.start(job.id)
         for percent in (25, 50, 75):
             assert store.progress(job.id, percent, f"{percent}%")
-        assert store.complete(job.id, None, None, None, i)
+        assert store.complete(job.id, None, None, None)
         return job.id
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -354,17 +362,17 @@ def test_concurrent_complete_and_cancel_agree(store):
     for _ in range(10):
         job = running_job(store)
         with ThreadPoolExecutor(max_workers=2) as pool:
-            completed = pool.submit(store.complete, job.id, "a", None, None, 1)
+            completed = pool.submit(store.complete, job.id, "a", None, None)
             cancelled = pool.submit(store.mark_cancelled, job.id)
             assert completed.result() != cancelled.result()
         assert status_of(store, job.id) in TERMINAL
 
 
 def test_active_and_pending_oldest_first(store):
-    first = store.create("image", "p1", "1", {})
-    second = store.create("inpaint", "p2", "2", {})
-    third = store.create("image", "p1", "3", {})
-    done = store.create("image", "p1", "4", {})
+    first = store.create(image_job("1", "p1"))
+    second = store.create(image_job("2", "p2"))
+    third = store.create(image_job("3", "p1"))
+    done = store.create(image_job("4", "p1"))
     store.start(second.id)
     store.cancel(done.id)
     assert [job.id for job in store.active()] == [first.id, second.id, third.id]
@@ -374,17 +382,17 @@ def test_active_and_pending_oldest_first(store):
 
 def test_recover_after_a_crash(engine, store):
     retry = running_job(store)  # attempt 1: back to the queue
-    queued = store.create("image", None, "queued", {})  # still queued
+    queued = store.create(image_job("queued"))  # still queued
     exhausted = running_job(store)
     with engine.begin() as connection:  # as if it had crashed the server once already
         connection.execute(update(Job).where(Job.id == exhausted.id).values(attempts=2))
     stopping = running_job(store)
     store.cancel(stopping.id)  # the user asked; the restart finishes the cancel
-    flagged = store.create("image", None, "flagged", {})
+    flagged = store.create(image_job("flagged"))
     with engine.begin() as connection:
         connection.execute(update(Job).where(Job.id == flagged.id).values(cancel_requested=True))
     finished = running_job(store)
-    store.complete(finished.id, "a", None, None, 3)
+    store.complete(finished.id, "a", None, None)
 
     requeued = store.recover(max_attempts=2)
 
@@ -423,22 +431,42 @@ def test_one_asset_per_job(engine, assets):
 
 
 def test_complete_with_asset_is_all_or_nothing(engine, store, assets):
-    job = running_job(store)
-    asset = store.complete_with_asset(job.id, make_asset(job.id), seed=9)
+    job = running_job(store, seed=9)
+    asset = store.complete_with_asset(job.id, make_asset(job.id))
     assert asset is not None and assets.for_job(job.id).id == asset.id
     done = store.get(job.id)
     assert (done.status, done.asset_id, done.output_url, done.seed) == ("completed", asset.id, asset.url, 9)
-    assert store.complete_with_asset(job.id, make_asset(job.id, name="again.jpg"), seed=9) is None
+    assert store.complete_with_asset(job.id, make_asset(job.id, name="again.jpg")) is None
 
     cancelled = running_job(store)
     store.cancel(cancelled.id)
     store.mark_cancelled(cancelled.id)
-    assert store.complete_with_asset(cancelled.id, make_asset(cancelled.id), seed=1) is None
+    assert store.complete_with_asset(cancelled.id, make_asset(cancelled.id)) is None
     assert assets.for_job(cancelled.id) is None  # no asset left behind
 
     rerun = running_job(store)  # an earlier run recorded its asset, then the server died
     earlier = assets.add_for_job(make_asset(rerun.id, name="earlier.jpg"))
-    assert store.complete_with_asset(rerun.id, make_asset(rerun.id, name="later.jpg"), seed=2).id == earlier.id
+    assert store.complete_with_asset(rerun.id, make_asset(rerun.id, name="later.jpg")).id == earlier.id
     assert store.get(rerun.id).asset_id == earlier.id
     with pytest.raises(ValueError, match="asset.job_id"):
-        store.complete_with_asset(rerun.id, make_asset("job_other"), seed=2)
+        store.complete_with_asset(rerun.id, make_asset("job_other"))
+
+
+def test_completing_a_job_can_make_its_asset_an_elements_picture(engine, store, assets):
+    with session_scope(engine) as session:
+        session.add(Project(id="p1", name="Film"))
+        session.add(Element(id="e1", project_id="p1", name="Hero", trigger_word="@Hero", type="character"))
+    job = running_job(store, project_id="p1")
+    asset = store.complete_with_asset(job.id, make_asset(job.id, "p1"), enhanced_prompt="a cat, lit", element_id="e1")
+    with session_scope(engine) as session:
+        assert session.get(Element, "e1").image_path == asset.url
+    assert store.get(job.id).enhanced_prompt == "a cat, lit"
+
+    late = running_job(store, project_id="p1")  # cancelled before it could complete: the element keeps its picture
+    store.cancel(late.id)
+    store.mark_cancelled(late.id)
+    assert store.complete_with_asset(late.id, make_asset(late.id, "p1", name="late.jpg"), element_id="e1") is None
+    with session_scope(engine) as session:
+        assert session.get(Element, "e1").image_path == asset.url
+    gone = running_job(store, project_id="p1")  # an element deleted meanwhile: the job still completes
+    assert store.complete_with_asset(gone.id, make_asset(gone.id, "p1", name="gone.jpg"), element_id="e_gone")

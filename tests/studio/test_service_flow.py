@@ -52,6 +52,8 @@ def test_full_flow_element_upload_generate_follow_sse_fetch_asset_and_metadata(s
         assert queued.status_code == 200, queued.text
         assert queued.json()["status"] == "queued"
         job_id = queued.json()["job_id"]
+        drawn = client.get(f"/status/{job_id}").json()["seed"]  # drawn and recorded when the job was queued
+        assert isinstance(drawn, int)
         name, complete = events.wait_end(job_id, timeout=60)
         mine = events.of(job_id)
     assert name == "complete", complete
@@ -69,7 +71,7 @@ def test_full_flow_element_upload_generate_follow_sse_fetch_asset_and_metadata(s
     assert set(STATUS_FIELDS) <= status.keys()
     assert status["status"] == "completed" and status["progress"] == 100 and status["asset_id"] == asset_id
     assert status["error_message"] is None and status["status_message"]
-    assert isinstance(status["seed"], int) and complete["seed"] == status["seed"]
+    assert status["seed"] == drawn and complete["seed"] == drawn
 
     image = client.get(url)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
@@ -249,3 +251,23 @@ def test_openapi_describes_every_route_of_the_contract(service):
         ("GET", "/gpu/status"),
     }  # fmt: skip
     assert contract - described == set()
+
+
+def test_openapi_gives_every_route_a_response_schema_and_the_request_ranges(service):
+    schema = service.client.get("/openapi.json").json()
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            answers = [answer for code, answer in operation["responses"].items() if code.startswith("2")]
+            assert answers, (method, path)
+            for answer in answers:
+                contents = answer.get("content", {})
+                assert contents and all(content.get("schema") for content in contents.values()), (method, path)
+    bodies = schema["components"]["schemas"]
+    width = bodies["GenerateImageRequest"]["properties"]["width"]
+    assert (width["multipleOf"], width["minimum"], width["maximum"]) == (16, 16, 4096)
+    assert bodies["ShotConfig"]["properties"]["cfg_scale"]["maximum"] == 30
+    read = {"job_id", "status", "progress", "status_message", "message", "error", "error_message", "output_url",
+            "url", "thumbnail_url", "seed", "asset_id", "enhanced_prompt"}  # fmt: skip
+    assert read <= bodies["JobState"]["properties"].keys()
+    status = schema["paths"]["/status/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert status["schema"] == {"$ref": "#/components/schemas/JobState"}

@@ -1,46 +1,66 @@
-"""The REPL's settings: the reference CLI's `Config`, its key=value parsing, its coercions and its checks."""
+"""The REPL's settings: the reference CLI's `Config` keys and key=value parsing, over a GenerationRequest.
+
+The generation settings are the request's own fields (their types, ranges and model rules come from
+flux2.request); the REPL adds the reference's names for two of them (`input_images` for reference_images), its
+startup size, and the prompt-upsampling choice, which picks an upsampler rather than describing an image.
+"""
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flux2.registry import ModelInfo
-from flux2.settings import check_settings
+from flux2.request import GenerationRequest, request_params
 
 DEFAULT_PROMPT = (
     "a photo of a forest with mist swirling around the tree trunks. The word 'FLUX.2' is painted over it in big, "
     "red brush strokes with visible texture"
 )
+REFERENCE_SIZE = {"width": 1360, "height": 768}  # the reference REPL's startup size (spec §9.2)
 UPSAMPLE_MODES = ("none", "local", "openrouter")
-INT_FIELDS = ("seed", "width", "height", "num_steps", "match_image_size")
+# The reference's keys (REPL name -> request field), then every other option the CLI offers.
+REFERENCE_KEYS = {
+    "prompt": "prompt", "seed": "seed", "width": "width", "height": "height", "num_steps": "num_steps",
+    "guidance": "guidance", "input_images": "reference_images", "match_image_size": "match_image_size",
+}  # fmt: skip
+REPL_KEYS = REFERENCE_KEYS | {name: name for name, spec in request_params().items() if spec.cli}
+SESSION_KEYS = ("upsample_prompt_mode", "openrouter_model")  # the upsampler, not the image
 
 Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class Config:
-    """The reference's fields and defaults (spec §9.2), plus `negative_prompt` for the klein base models."""
+    """The session's request plus its upsampling choice."""
 
-    prompt: str = DEFAULT_PROMPT
-    seed: int | None = None  # None: a random seed, printed and stored with the image
-    width: int = 1360
-    height: int = 768
-    num_steps: int = 50
-    guidance: float = 4.0
-    input_images: tuple[Path, ...] = ()
-    match_image_size: int | None = None  # use the size of this input image instead of width/height
+    request: GenerationRequest = field(
+        default_factory=lambda: GenerationRequest(prompt=DEFAULT_PROMPT, **REFERENCE_SIZE)
+    )
     upsample_prompt_mode: str = "none"
     openrouter_model: str = "mistralai/pixtral-large-2411"
-    negative_prompt: str = ""  # ours: the reference's CFG always used the empty prompt
 
     @classmethod
     def for_model(cls, info: ModelInfo) -> "Config":
         """The defaults with the model's steps and guidance, as the reference's startup and `reset` apply them."""
-        return cls(num_steps=info.num_steps, guidance=info.guidance)
+        return cls(replace(cls().request, num_steps=info.num_steps, guidance=info.guidance))
+
+    def get(self, key: str) -> object:
+        return getattr(self, key) if key in SESSION_KEYS else getattr(self.request, REPL_KEYS[key])
+
+    def with_values(self, values: dict[str, object]) -> "Config":
+        session = {key: value for key, value in values.items() if key in SESSION_KEYS}
+        fields = {REPL_KEYS[key]: value for key, value in values.items() if key not in SESSION_KEYS}
+        return replace(self, request=replace(self.request, **fields), **session)
+
+    def to_request(self) -> GenerationRequest:
+        """What a run asks for: with match_image_size the reference image's size replaces width and height."""
+        if self.request.match_image_size is not None:
+            return replace(self.request, width=None, height=None)
+        return self.request
 
 
-FIELD_NAMES = tuple(f.name for f in fields(Config))
+ALL_KEYS = (*REFERENCE_KEYS, *SESSION_KEYS, *(key for key in REPL_KEYS if key not in REFERENCE_KEYS))
 
 
 def parse_key_values(line: str, say: Say = print) -> dict[str, object]:
@@ -52,7 +72,7 @@ def parse_key_values(line: str, say: Say = print) -> dict[str, object]:
             parsed[token] = True
             continue
         key, raw = token.split("=", 1)
-        if key not in FIELD_NAMES:
+        if key not in ALL_KEYS:
             say(f"! unknown key: {key}")
             continue
         parsed[key] = coerce_value(key, raw, say)
@@ -60,22 +80,8 @@ def parse_key_values(line: str, say: Say = print) -> dict[str, object]:
 
 
 def coerce_value(key: str, raw: str, say: Say = print) -> object:
-    """The reference's coercions: ints ("none" or empty is None), guidance a float, input_images a list of
-    existing paths, the upsampling mode lower-cased and checked, everything else the raw string."""
-    if key in INT_FIELDS:
-        if raw.strip().lower() in ("", "none"):
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{key} must be an integer (or none), got {raw!r}") from None
-    if key == "guidance":
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"guidance must be a number, got {raw!r}") from None
-    if key == "input_images":
-        return tuple(_existing_images(raw, say))
+    """The reference's coercions: ints ("none" or empty is None), floats, input_images a list of existing
+    paths, the upsampling mode lower-cased and checked, everything else the raw string."""
     if key == "upsample_prompt_mode":
         mode = raw.strip().lower()
         if mode not in UPSAMPLE_MODES:
@@ -83,7 +89,16 @@ def coerce_value(key: str, raw: str, say: Say = print) -> object:
         return mode
     if key == "openrouter_model":
         return raw.strip().strip("\"'")
-    return raw
+    kind = request_params()[REPL_KEYS[key]].kind
+    if kind is tuple:
+        return tuple(_existing_images(raw, say))
+    if kind in (int, float) and raw.strip().lower() in ("", "none"):
+        return None
+    try:
+        return kind(raw) if kind in (int, float) else raw
+    except ValueError:
+        what = "an integer (or none)" if kind is int else "a number"
+        raise ValueError(f"{key} must be {what}, got {raw!r}") from None
 
 
 def _existing_images(raw: str, say: Say) -> list[Path]:
@@ -111,31 +126,25 @@ def _is_file(path: Path) -> bool:
 
 def updated(config: Config, updates: dict[str, object], info: ModelInfo) -> Config:
     """`config` with `updates` applied, or ValueError naming what the model does not allow (nothing changes)."""
-    new = replace(config, **updates)
+    new = config.with_values(updates)
     validate(new, info)
     return new
 
 
 def validate(config: Config, info: ModelInfo) -> None:
-    if config.width is None or config.height is None:
+    request = config.request
+    if request.width is None or request.height is None:
         raise ValueError("width and height need a value (a multiple of 16)")
-    if config.num_steps is None:
+    if request.num_steps is None:
         raise ValueError("num_steps needs a value (a positive integer)")
-    check_settings(
-        info, width=config.width, height=config.height, num_steps=config.num_steps, guidance=config.guidance,
-        seed=config.seed, negative_prompt=config.negative_prompt,
-    )  # fmt: skip
-    if config.match_image_size is not None and config.match_image_size < 0:
-        raise ValueError(
-            f"match_image_size must be an input image index (0, 1, ...) or none, got {config.match_image_size}"
-        )
+    replace(config.to_request(), match_image_size=None).check_model(info)  # the index is checked at the run
 
 
-def format_config(config: Config, names: tuple[str, ...] = FIELD_NAMES) -> str:
-    """One `name  value` line per field (or per field in `names`)."""
+def format_config(config: Config, names: tuple[str, ...] = ALL_KEYS) -> str:
+    """One `name  value` line per setting (or per setting in `names`)."""
     lines = []
     for name in names:
-        value = getattr(config, name)
+        value = config.get(name)
         if name == "input_images":
             value = "[" + ", ".join(str(p) for p in value) + "]"
         elif name == "seed" and value is None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
 from flux2.cli.output import FORMATS, output_target
+from flux2.cli.request_options import add_request_options, request_from_args
 from flux2.registry import model_info
-from flux2.settings import check_settings
 
 NOTHING_WRITTEN = 3  # exit status when the safety policy withheld every image
 GENERATE_EXAMPLES = """examples:
@@ -44,14 +44,7 @@ def _request_options(p: argparse.ArgumentParser, images_required: bool) -> None:
         "-i", "--image", action="append", default=[], type=Path, required=images_required,
         help="reference image (repeat for several)",
     )  # fmt: skip
-    p.add_argument("--width", type=int, help="multiple of 16 (default: the model's)")
-    p.add_argument("--height", type=int, help="multiple of 16 (default: the model's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, help="seed of the first image (default: random; always reported)")
-    p.add_argument("--num-images", type=int, default=1, help="images to make; image i uses seed + i")
-    p.add_argument("--negative-prompt", help="what to steer away from (klein base models)")
-    p.add_argument("--match-image-size", type=int, metavar="N", help="use the size of reference image N (0-based)")
+    add_request_options(p)
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -63,40 +56,21 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flux2.cli.run import generate_and_save
+    from flux2.images import open_image
     from flux2.progress import TerminalProgress
 
-    # Everything a user can get wrong fails here, before minutes of loading.
+    # Everything a user can get wrong fails here, before minutes of loading; the seed is drawn here, once.
     name = model_name(args)
     target = output_target(args.output, args.format)
-    check_settings(
-        model_info(name), width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance,
-        seed=args.seed, num_images=args.num_images, negative_prompt=args.negative_prompt,
-    )  # fmt: skip
-    images = _input_images(args)
+    images = tuple(open_image(path, f"input image {i}") for i, path in enumerate(args.image))
+    request = request_from_args(args, prompt=args.prompt, reference_images=images).resolve(model_info(name))
     with TerminalProgress(enabled=not args.json) as progress:
         pipe = open_pipeline(args, name, progress=progress)
-    result = generate_and_save(
-        pipe, target, sidecar=args.sidecar, show_progress=not args.json,
-        prompt=args.prompt, width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance,
-        seed=args.seed, num_images=args.num_images, negative_prompt=args.negative_prompt,
-        reference_images=images, match_image_size=args.match_image_size,
-    )  # fmt: skip
+    result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json)
     report(result, as_json=args.json)
     if result.cancelled:
         return 130
     return NOTHING_WRITTEN if result.outputs and all(path is None for path in result.paths) else 0
-
-
-def _input_images(args: argparse.Namespace) -> list:
-    from flux2.sampling import open_image
-
-    images = [open_image(path, f"input image {i}") for i, path in enumerate(args.image)]
-    if args.match_image_size is not None:
-        if args.width is not None or args.height is not None:
-            raise ValueError("give either --width/--height or --match-image-size, not both")
-        if not 0 <= args.match_image_size < len(images):
-            raise ValueError(f"--match-image-size {args.match_image_size}: there are {len(images)} input images")
-    return images
 
 
 def report(result, as_json: bool) -> None:

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 def inspect(path: Path) -> dict:
     from PIL import Image
 
-    from flux2.sampling import open_image
+    from flux2.images import open_image
 
     image = open_image(path, "image")  # a clear error for a missing or unreadable file
     with Image.open(path) as opened:

@@ -70,7 +70,7 @@ def _weights_dir_option(p: argparse.ArgumentParser) -> None:
 
 def list_models(args: argparse.Namespace) -> int:
     folder = resolve_weights_dir(args.weights_dir)
-    found = {name: None if info.is_tiny else local_parts(info, folder) for name, info in FLUX2_MODEL_INFO.items()}
+    found = {name: local_parts(info, folder) if info.needs_files else None for name, info in FLUX2_MODEL_INFO.items()}
     if args.json:
         print(json.dumps(_models_json(folder, found), indent=2))
         return 0
@@ -149,8 +149,8 @@ def _hf_cache() -> str:
 
 def download(args: argparse.Namespace) -> int:
     info = model_info(args.model)
-    if info.is_tiny:
-        print("tiny needs no download: it is built in, with random weights (its images are noise)")
+    if not info.needs_files:
+        print(f"{info.name} needs no download: it is built in, with random weights (its images are noise)")
         return 0
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     wanted = parts_wanted(parts)

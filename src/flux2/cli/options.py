@@ -90,7 +90,7 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
         safety=_safety(args), watermark=None if args.no_watermark else DEFAULT_WATERMARK, flow_model=flow_model,
         progress=progress,
     )  # fmt: skip
-    if pipe.device.type == "cpu" and not pipe.info.is_tiny and args.device is None:
+    if pipe.device.type == "cpu" and pipe.info.needs_files and args.device is None:
         print("note: no GPU found, running on the CPU: expect minutes per image", file=sys.stderr)
     pipe.upsampler = upsampler_for(args, pipe, args.upsample)
     return pipe

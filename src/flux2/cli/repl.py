@@ -30,6 +30,7 @@ Change settings with key=value, several per line:  seed=42 width=1024 height=768
   input_images              a.png,b.png  or  "a.png b.png";  [] clears
   match_image_size          the index of the input image whose size to use, or none
   upsample_prompt_mode      none, local or openrouter;  openrouter_model=NAME
+  num_images, true_cfg_scale, cfg_mode, ...   every option of `flux2 generate`, by its name
 Commands: run, show, reset (the defaults), help (h, ?), quit (q, exit).
 Ctrl-C cancels a run; the model stays loaded.
 """
@@ -218,7 +219,7 @@ class Session:
 
     def screened(self, updates: dict) -> dict:
         """The reference's moderation of a new prompt and new input images (when safety is on)."""
-        from flux2.sampling import open_image
+        from flux2.images import open_image
 
         safety = self.pipe.safety
         if safety.mode == "off":
@@ -250,22 +251,10 @@ class Session:
     def _generate(self) -> None:
         from flux2.cli.run import generate_and_save
 
-        cfg = self.config
-        images = list(cfg.input_images)
-        size = {"width": cfg.width, "height": cfg.height}
-        match = cfg.match_image_size
-        if match is not None and match >= len(images):
-            print(f"! match_image_size={match} but there are {len(images)} input images: using width and height")
-            match = None
-        if match is not None:
-            size = {}
         self.pipe.upsampler = self.upsampler()
-        print(f"Generating with prompt: {cfg.prompt}")
-        result = generate_and_save(
-            self.pipe, self.target, sidecar=False, show_progress=True, prompt=cfg.prompt, seed=cfg.seed,
-            num_steps=cfg.num_steps, guidance=cfg.guidance, reference_images=images, match_image_size=match,
-            negative_prompt=cfg.negative_prompt or None, **size,
-        )  # fmt: skip
+        request = self.config.to_request()
+        print(f"Generating with prompt: {request.prompt}")
+        result = generate_and_save(self.pipe, self.target, request, sidecar=False, show_progress=True)
         for path, out in zip(result.paths, result.outputs, strict=True):
             record = out.record
             if record.upsampled_prompt:

@@ -11,6 +11,7 @@ from pathlib import Path
 from flux2.cli.output import Target, save_image
 from flux2.pipeline import Flux2Pipeline, GeneratedImage, GenerationCancelled
 from flux2.progress import TerminalProgress
+from flux2.request import GenerationRequest
 
 
 @dataclass
@@ -42,14 +43,13 @@ def cancel_on_interrupt() -> Iterator[threading.Event]:
 
 
 def generate_and_save(
-    pipe: Flux2Pipeline, target: Target, *, sidecar: bool, show_progress: bool, **request
+    pipe: Flux2Pipeline, target: Target, request: GenerationRequest, *, sidecar: bool, show_progress: bool
 ) -> RunResult:
-    """Run `pipe.generate(**request)` and save every image it returns, including those finished before a
-    cancellation."""
+    """Run `request` and save every image it returns, including those finished before a cancellation."""
     cancelled = False
     with cancel_on_interrupt() as cancel, TerminalProgress(enabled=show_progress) as progress:
         try:
-            outputs = pipe.generate(**request, callback=progress, cancel=cancel)
+            outputs = pipe.run(request, callback=progress, cancel=cancel)
         except GenerationCancelled as stopped:
             outputs, cancelled = stopped.completed, True
     paths = [None if out.image is None else save_image(out.image, out.record.to_dict(), target, sidecar)

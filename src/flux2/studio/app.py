@@ -13,8 +13,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from flux2 import __version__
+from flux2.registry import model_info
 from flux2.studio.api import assets, edit, events, jobs, projects
 from flux2.studio.api.deps import Studio, token_matches
+from flux2.studio.api.responses import Health
 from flux2.studio.config import StudioSettings
 from flux2.studio.db import make_engine, upgrade
 from flux2.studio.events import EventBus
@@ -29,15 +31,18 @@ log = logging.getLogger(__name__)
 
 def open_studio(settings: StudioSettings, pipeline=None) -> Studio:
     """The database (migrated in place), the media folder, the job store and an in-process worker."""
+    model = model_info(settings.model)
+    if pipeline is not None and pipeline.info.name != model.name:  # jobs are resolved for settings.model
+        raise ValueError(f"the pipeline runs {pipeline.info.name}, but settings.model is {settings.model!r}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
     upgrade(engine)
     media = MediaStore(settings.data_dir, settings.max_upload_bytes)
     store = JobStore(engine)
-    tasks = Tasks(PipelineHolder(settings, pipeline), store, media, engine)
-    worker = LocalWorker(store, tasks, EventBus(settings.sse_queue_size))
+    tasks = Tasks(PipelineHolder(settings, pipeline), media, engine)
+    worker = LocalWorker(store, tasks, EventBus(settings.sse_queue_size), media)
     segmentation = SegmentationClient(settings.segmentation_url, settings.segmentation_timeout_s)
-    return Studio(settings, engine, media, store, worker, segmentation)
+    return Studio(settings, model, engine, media, store, worker, segmentation)
 
 
 def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI:
@@ -68,8 +73,8 @@ def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI
     app.include_router(assets.media_router)  # last: /projects/{path} would shadow the project routes
 
     @app.get("/health", tags=["service"], summary="The service answers")
-    def health() -> dict:
-        return {"status": "ok"}
+    def health() -> Health:
+        return Health(status="ok")
 
     return app
 

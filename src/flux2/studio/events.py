@@ -1,4 +1,5 @@
-"""Job events for Server-Sent Events clients: one schema, one bounded queue per client.
+"""Job events for Server-Sent Events clients: one schema (`JobState`, which /status and active_jobs return too),
+one bounded queue per client.
 
 Workers publish from their threads; each client reads from an asyncio queue on the event loop. A slow client
 loses its oldest events and never holds up a worker.
@@ -8,14 +9,58 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import BaseModel, field_serializer
+
+from flux2.studio.records import Job
 
 EVENT_NAMES = ("progress", "complete", "error", "cancelled")
+
+
+class JobState(BaseModel):
+    """The one status schema of every job, in /status, active_jobs and every SSE event. `error` repeats
+    error_message, `message` repeats status_message and `url` repeats output_url, for the studio front end's
+    older readers; an `error` event's `message` is the error, a `complete` event's `type` the kind of output."""
+
+    job_id: str
+    type: str
+    project_id: str | None
+    status: str
+    progress: int
+    status_message: str
+    message: str
+    error_message: str | None
+    error: str | None
+    asset_id: str | None
+    seed: int | None
+    output_url: str | None
+    url: str | None
+    thumbnail_url: str | None
+    enhanced_prompt: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> "JobState":
+        return cls(
+            job_id=job.id, type=job.type, project_id=job.project_id, status=job.status, progress=job.progress,
+            status_message=job.status_message, message=job.status_message, error_message=job.error_message,
+            error=job.error_message, asset_id=job.asset_id, seed=job.seed, output_url=job.output_url,
+            url=job.output_url, thumbnail_url=job.thumbnail_url, enhanced_prompt=job.enhanced_prompt,
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        )  # fmt: skip
+
+    @field_serializer("created_at", "started_at", "finished_at")
+    def _iso(self, value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
 
 
 @dataclass(frozen=True)
 class JobEvent:
     name: str  # one of EVENT_NAMES
-    data: dict  # job_id, type, project_id, status, progress, status_message, ... (see worker.job_event)
+    state: JobState
 
 
 class EventBus:

@@ -21,7 +21,8 @@ from sqlalchemy import Engine, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from flux2.studio.records import ACTIVE, JOB_TYPES, Asset, Job, JobStatus, new_job_id, utcnow
+from flux2.studio.payloads import JobPayload
+from flux2.studio.records import ACTIVE, Asset, Element, Job, JobStatus, new_job_id, utcnow
 from flux2.studio.storage import check_safe_id
 
 # The answers of `JobStore.cancel`, as the cancel route returns them (spec §1.8).
@@ -40,27 +41,17 @@ class JobStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def create(
-        self,
-        type: str,
-        project_id: str | None,
-        prompt: str,
-        params: dict[str, Any],
-        seed: int | None = None,
-        *,
-        job_id: str | None = None,
-    ) -> Job:
-        """A new pending job. `job_id` lets a client name it (the inpaint route takes one); it must be unused and
+    def create(self, payload: JobPayload, *, job_id: str | None = None) -> Job:
+        """A new pending job running `payload`, with its seed recorded now: the job runs with that seed however
+        often it is started. `job_id` lets a client name it (the inpaint route takes one); it must be unused and
         safe in a file name, since outputs are written under it."""
-        if type not in JOB_TYPES:
-            raise ValueError(f"job type must be one of {', '.join(JOB_TYPES)}, got {type!r}")
         job = Job(
             id=check_safe_id("job_id", job_id) if job_id is not None else new_job_id(),
-            type=type,
-            project_id=project_id,
-            prompt=prompt,
-            params=dict(params),
-            seed=seed,
+            type=payload.job_type,
+            project_id=payload.project_id,
+            prompt=payload.request.prompt,
+            params=payload.to_json(),
+            seed=payload.request.seed,
             status=JobStatus.PENDING.value,
             status_message="Queued",
         )
@@ -94,47 +85,49 @@ class JobStore:
             raise ValueError(f"progress must be an integer in [0, 100], got {progress!r}")
         return self._set(job_id, [JobStatus.PROCESSING], progress=progress, status_message=message)
 
-    def annotate(self, job_id: str, *, seed: int | None = None, enhanced_prompt: str | None = None) -> bool:
-        """Record the seed chosen or the upsampled prompt as soon as they are known, while processing."""
-        given = {"seed": seed, "enhanced_prompt": enhanced_prompt}
-        values = {key: value for key, value in given.items() if value is not None}
-        if not values:
-            raise ValueError("annotate needs a seed or an enhanced_prompt, got neither")
-        return self._set(job_id, [JobStatus.PROCESSING], **values)
-
     def complete(
         self,
         job_id: str,
         asset_id: str | None,
         output_url: str | None,
         thumbnail_url: str | None,
-        seed: int | None,
         message: str = "Image ready",
+        enhanced_prompt: str | None = None,
     ) -> bool:
         """processing → completed. A cancel requested too late (the work had finished) loses: the job completes.
         `complete_with_asset` does this and the asset insert in one transaction."""
-        values = _completed(asset_id, output_url, thumbnail_url, seed, message)
+        values = _completed(asset_id, output_url, thumbnail_url, message, enhanced_prompt)
         return self._set(job_id, [JobStatus.PROCESSING], **values)
 
     def complete_with_asset(
-        self, job_id: str, asset: Asset, seed: int | None, message: str = "Image ready"
+        self,
+        job_id: str,
+        asset: Asset,
+        message: str = "Image ready",
+        *,
+        enhanced_prompt: str | None = None,
+        element_id: str | None = None,
     ) -> Asset | None:
-        """Insert the job's asset and complete the job, together or not at all. Returns the job's asset (the one
-        already recorded for this job, if a crashed run got that far), or None when the job was no longer
-        processing (nothing is written then: the caller removes its files)."""
+        """Insert the job's asset, complete the job and make the asset the picture of `element_id` (if given and
+        still there), together or not at all. Returns the job's asset (the one already recorded for this job, if
+        a crashed run got that far), or None when the job was no longer processing (nothing is written then:
+        the caller removes its files)."""
         if asset.job_id != job_id:
             raise ValueError(f"asset.job_id must be the job's id {job_id!r}, got {asset.job_id!r}")
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             guard = _guard(job_id, [JobStatus.PROCESSING])
-            values = _completed(asset.id, asset.url, asset.thumbnail_url, seed, message)
+            values = _completed(asset.id, asset.url, asset.thumbnail_url, message, enhanced_prompt)
             if session.execute(update(Job).where(*guard).values(**values)).rowcount != 1:
                 return None
             existing = session.exec(select(Asset).where(Asset.job_id == job_id)).first()
             if existing is not None:
-                values = _completed(existing.id, existing.url, existing.thumbnail_url, seed, message)
+                values = _completed(existing.id, existing.url, existing.thumbnail_url, message, enhanced_prompt)
                 session.execute(update(Job).where(col(Job.id) == job_id).values(**values))
-                return existing
-            session.add(asset)
+                asset = existing
+            else:
+                session.add(asset)
+            if element_id is not None:
+                session.execute(update(Element).where(col(Element.id) == element_id).values(image_path=asset.url))
         return asset
 
     def fail(self, job_id: str, message: str) -> bool:
@@ -278,7 +271,7 @@ def _guard(job_id: str, expected: Iterable[JobStatus], *where: Any) -> list[Any]
 
 
 def _completed(
-    asset_id: str | None, output_url: str | None, thumbnail_url: str | None, seed: int | None, message: str
+    asset_id: str | None, output_url: str | None, thumbnail_url: str | None, message: str, enhanced_prompt: str | None
 ) -> dict[str, Any]:
     values = {
         "status": JobStatus.COMPLETED.value,
@@ -289,4 +282,4 @@ def _completed(
         "thumbnail_url": thumbnail_url,
         "finished_at": utcnow(),
     }
-    return values if seed is None else {**values, "seed": seed}  # None keeps a seed recorded by `annotate`
+    return values if enhanced_prompt is None else {**values, "enhanced_prompt": enhanced_prompt}

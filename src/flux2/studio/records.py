@@ -1,7 +1,8 @@
 """The studio's database records (SQLModel tables): Project, Element, Asset, Job.
 
 The fields keep the studio contract (spec §1.7) and add what it lacked: `Job.asset_id`, `Job.seed`, `Job.params`
-as JSON, queued/started/finished times, and the attempt count and cancel flag that crash recovery needs.
+(the job's typed payload, as JSON), queued/started/finished times, and the attempt count and cancel flag that
+crash recovery needs.
 Schema changes go through a migration in `migrations/versions/` (see `flux2.studio.db.upgrade`).
 
 Only `flux2.studio.jobs_store.JobStore` changes Job rows. Timestamps are timezone-aware UTC.
@@ -18,7 +19,6 @@ from sqlmodel import Field, Relationship, SQLModel
 
 ELEMENT_TYPES = ("character", "location", "object")
 ASSET_TYPES = ("image", "video")
-JOB_TYPES = ("image", "inpaint", "visualize", "thumbnail", "advanced")
 
 
 class JobStatus(StrEnum):
@@ -130,14 +130,14 @@ class Job(SQLModel, table=True):
 
     id: str = Field(default_factory=new_job_id, primary_key=True)
     project_id: str | None = Field(default=None, index=True)  # not a foreign key: jobs outlive their project
-    type: str  # one of JOB_TYPES
+    type: str  # one of flux2.studio.tasks.JOB_TYPES
     status: str = Field(default=JobStatus.PENDING.value, index=True)
     progress: int = 0  # 0-100
     status_message: str = ""
     error_message: str | None = None
     prompt: str = ""
-    params: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # the request, as the task reads it
-    seed: int | None = None  # the seed actually used, once known
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # its payload (flux2.studio.payloads)
+    seed: int | None = None  # the seed it runs with, drawn when it was queued
     asset_id: str | None = None
     output_url: str | None = None
     thumbnail_url: str | None = None
@@ -147,27 +147,3 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)  # queued
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-
-
-def job_status(job: Job) -> dict[str, Any]:
-    """The one status schema of every job, in /status, active_jobs and every SSE event (`error` repeats
-    error_message and `message` repeats status_message, for the studio front end's older readers)."""
-    return {
-        "job_id": job.id,
-        "type": job.type,
-        "project_id": job.project_id,
-        "status": job.status,
-        "progress": job.progress,
-        "status_message": job.status_message,
-        "message": job.status_message,
-        "error_message": job.error_message,
-        "error": job.error_message,
-        "asset_id": job.asset_id,
-        "seed": job.seed,
-        "output_url": job.output_url,
-        "thumbnail_url": job.thumbnail_url,
-        "enhanced_prompt": job.enhanced_prompt,
-        "created_at": job.created_at.isoformat() if job.created_at else None,
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-    }

@@ -1,21 +1,25 @@
 """What runs the jobs: one queue and one lock for all model work, inference off the event loop.
 
 Routes talk to a `Worker` (submit, cancel, recover, status, close) and read events from its `EventBus`; the
-`LocalWorker` runs jobs one at a time in a thread of this process. Another implementation (a database-backed
-queue with workers on other machines) can take its place without touching the routes: job state lives in the
-database (JobStore), and every state change is a compare-and-set there.
+`LocalWorker` runs jobs one at a time in a thread of this process. Its task runner takes data only (a job id, the
+job's typed payload, a cancel event and a progress reporter) and hands back data (a TaskResult), which the worker
+records. So another implementation (a database-backed queue with workers on other machines) can take its place
+without touching the routes or the tasks: job state lives in the database (JobStore), and every state change is
+a compare-and-set there.
 """
 
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from flux2.studio.events import EventBus, JobEvent
+from flux2.studio.events import EventBus, JobEvent, JobState
 from flux2.studio.jobs_store import JobStore
-from flux2.studio.records import Asset, Job, job_status
+from flux2.studio.payloads import JobPayload, read_payload
+from flux2.studio.records import Asset
+from flux2.studio.storage import MediaStore
 
 log = logging.getLogger(__name__)
 
@@ -24,29 +28,34 @@ class JobCancelled(Exception):
     """Raised inside a task once its job is cancelled (tasks turn the pipeline's own cancellation into this)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskContext:
     """What a task gets besides its job: a cancel event for the pipeline and a progress reporter."""
 
-    job: Job
     cancel: threading.Event
     report: Callable[[int, str], None]  # (percent 0-100, message); raises JobCancelled once cancelled
 
 
 @dataclass(frozen=True)
-class TaskOutcome:
-    """A finished task's asset (not yet stored), what to do once the job is completed, and what to undo if it
-    cannot be (it was cancelled meanwhile)."""
+class TaskResult:
+    """What a finished task hands back, as data: the asset to record (its files are published already), and what
+    completing the job records besides. The worker removes the asset's files if the job cannot complete."""
 
-    asset: Asset
-    seed: int | None
+    asset: Asset  # not yet stored
+    event_type: str  # the `type` of the `complete` event: "image", "inpaint" or "visualize"
     message: str = "Image ready"
-    extra: dict = field(default_factory=dict)  # more fields for the `complete` event (e.g. type "inpaint")
-    discard: Callable[[], None] = lambda: None  # remove the published files
-    on_complete: Callable[[Asset], None] = lambda asset: None
+    enhanced_prompt: str | None = None  # the upsampled prompt the model was given
+    element_id: str | None = None  # an element whose picture becomes the asset
 
 
-TaskRunner = Callable[[Job, TaskContext], TaskOutcome]
+TaskRunner = Callable[[str, JobPayload, TaskContext], TaskResult]  # (job id, payload, context)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    busy: bool
+    queued: int
+    running: str | None  # the running job's id
 
 
 class Worker(Protocol):
@@ -58,21 +67,16 @@ class Worker(Protocol):
 
     def recover(self) -> list[str]: ...
 
-    def status(self) -> dict: ...
+    def status(self) -> WorkerStatus: ...
 
     def close(self) -> None: ...
-
-
-def job_event(name: str, job: Job, **extra) -> JobEvent:
-    """The one event schema for every job type: the job's status fields, then the event's own."""
-    return JobEvent(name, {**job_status(job), **extra})
 
 
 class LocalWorker:
     """Runs jobs one at a time in a background thread of this process."""
 
-    def __init__(self, store: JobStore, runner: TaskRunner, events: EventBus):
-        self.store, self.runner, self.events = store, runner, events
+    def __init__(self, store: JobStore, runner: TaskRunner, events: EventBus, media: MediaStore):
+        self.store, self.runner, self.events, self.media = store, runner, events, media
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._running: tuple[str, threading.Event] | None = None
         self._lock = threading.Lock()
@@ -103,10 +107,10 @@ class LocalWorker:
             self.submit(job_id)
         return requeued
 
-    def status(self) -> dict:
+    def status(self) -> WorkerStatus:
         with self._lock:
             running = self._running[0] if self._running else None
-        return {"busy": running is not None, "queued": self._queue.qsize(), "running": running}
+        return WorkerStatus(busy=running is not None, queued=self._queue.qsize(), running=running)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after the current step; an interrupted job goes back to the queue and runs at the next start."""
@@ -136,20 +140,10 @@ class LocalWorker:
         if self.store.is_cancel_requested(job_id):  # cancelled between start() and now
             cancel.set()
         try:
-            job = self.store.get(job_id)
+            payload = read_payload(self.store.get(job_id))
             self._publish("progress", job_id)
-            outcome = self.runner(job, TaskContext(job, cancel, self._reporter(job_id, cancel)))
-            if cancel.is_set() or self.store.is_cancel_requested(job_id):  # cancelled during the last steps
-                outcome.discard()
-                raise JobCancelled(job_id)
-            asset = self.store.complete_with_asset(job_id, outcome.asset, outcome.seed, outcome.message)
-            if asset is None:  # ended meanwhile by someone else: no asset is left behind
-                outcome.discard()
-                return
-            try:
-                outcome.on_complete(asset)
-            finally:
-                self._publish("complete", job_id, url=asset.url, thumbnail_url=asset.thumbnail_url, **outcome.extra)
+            result = self.runner(job_id, payload, TaskContext(cancel, self._reporter(job_id, cancel)))
+            self._complete(job_id, result, cancel)
         except JobCancelled:
             if self._stopping.is_set() and not self._cancel_requested(job_id):
                 self.store.requeue(job_id)  # runs again at the next start
@@ -164,6 +158,22 @@ class LocalWorker:
             with self._lock:
                 self._running = None
 
+    def _complete(self, job_id: str, result: TaskResult, cancel: threading.Event) -> None:
+        if cancel.is_set() or self.store.is_cancel_requested(job_id):  # cancelled during the last steps
+            self._discard(result.asset)
+            raise JobCancelled(job_id)
+        recorded = {"enhanced_prompt": result.enhanced_prompt, "element_id": result.element_id}
+        done = self.store.complete_with_asset(job_id, result.asset, result.message, **recorded)
+        if done is None:  # ended meanwhile by someone else: no asset is left behind
+            self._discard(result.asset)
+            return
+        self._publish("complete", job_id, type=result.event_type)
+
+    def _discard(self, asset: Asset) -> None:
+        for url in (asset.url, asset.thumbnail_url):
+            if url:
+                self.media.delete(url)
+
     def _reporter(self, job_id: str, cancel: threading.Event) -> Callable[[int, str], None]:
         def report(percent: int, message: str) -> None:
             if cancel.is_set():
@@ -177,10 +187,10 @@ class LocalWorker:
         job = self.store.get(job_id)
         return job is not None and job.cancel_requested
 
-    def _publish(self, name: str, job_id: str, **extra) -> None:
+    def _publish(self, name: str, job_id: str, **overrides) -> None:
         job = self.store.get(job_id)
         if job is not None:
-            self.events.publish(job_event(name, job, **extra))
+            self.events.publish(JobEvent(name, JobState.of(job).model_copy(update=overrides)))
 
 
 def _one_line(err: BaseException) -> str:

@@ -9,12 +9,16 @@ from fastapi.responses import FileResponse
 from PIL import Image
 from sqlmodel import col, select
 
-from flux2.studio.api.deps import SessionDep, StudioDep
+from flux2.studio.api.deps import MediaDep, SessionDep
 from flux2.studio.api.jobs import require_project
+from flux2.studio.api.responses import AssetDeleted, Uploaded
 from flux2.studio.records import Asset, Project
 
 router = APIRouter(tags=["assets"])
 media_router = APIRouter(tags=["media"])
+# Media routes answer the file itself, with Range support.
+MEDIA_FILE = {200: {"description": "The file (206 with a Range)",
+                    "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
 
 
 @router.get("/projects/{project_id}/images", summary="The project's images, newest first")
@@ -25,42 +29,39 @@ def project_images(project_id: str, session: SessionDep) -> list[Asset]:
 
 
 @router.delete("/assets/{asset_id}", summary="Delete an asset and its files")
-def delete_asset(asset_id: str, studio: StudioDep, session: SessionDep) -> dict:
+def delete_asset(asset_id: str, media: MediaDep, session: SessionDep) -> AssetDeleted:
     asset = session.get(Asset, asset_id)
     if asset is None:
         raise HTTPException(404, f"asset_id {asset_id!r}: no such asset")
     for url in (asset.path, asset.thumbnail_url):
         if url:
-            studio.media.delete(url)
+            media.delete(url)
     session.delete(asset)
     session.commit()
-    return {"status": "deleted", "asset_id": asset_id}
+    return AssetDeleted(status="deleted", asset_id=asset_id)
 
 
 @router.post("/upload", summary="Upload an image (a reference, an element picture, a mask)")
 async def upload(
-    studio: StudioDep,
+    media: MediaDep,
     session: SessionDep,
     file: Annotated[UploadFile, File()],
     project_id: Annotated[str | None, Form()] = None,
     type: Annotated[str, Form()] = "general",
-) -> dict:
+) -> Uploaded:
     if project_id is not None and session.get(Project, project_id) is None:
         raise HTTPException(404, f"project_id {project_id!r}: no such project")
-    data = await file.read(studio.media.max_upload_bytes + 1)  # a byte over the limit is enough to refuse
+    data = await file.read(media.max_upload_bytes + 1)  # a byte over the limit is enough to refuse
     try:  # decoding a large image takes a while: not on the event loop
-        path, (width, height) = await run_in_threadpool(_store_upload, studio.media, data, file.filename, project_id,
-                                                        type)  # fmt: skip
+        path, (width, height) = await run_in_threadpool(_store_upload, media, data, file.filename, project_id, type)
     except ValueError as err:
-        raise HTTPException(413 if len(data) > studio.media.max_upload_bytes else 422, str(err)) from None
-    url = studio.media.url_for(path)
-    asset = Asset(project_id=project_id, type="image", path=studio.media.relative_path(path), url=url,
+        raise HTTPException(413 if len(data) > media.max_upload_bytes else 422, str(err)) from None
+    url = media.url_for(path)
+    asset = Asset(project_id=project_id, type="image", path=media.relative_path(path), url=url,
                   filename=path.name, width=width, height=height, meta={"source": "upload", "kind": type})  # fmt: skip
     session.add(asset)
     session.commit()
-    # access_path is what clients send back as a reference or an inpainting source: a media URL, never a
-    # server file system path.
-    return {"url": url, "asset_id": asset.id, "type": type, "filename": path.name, "access_path": url}
+    return Uploaded(url=url, asset_id=asset.id, type=type, filename=path.name, access_path=url)
 
 
 def _store_upload(media, data: bytes, filename: str | None, project_id: str | None, kind: str):
@@ -69,20 +70,22 @@ def _store_upload(media, data: bytes, filename: str | None, project_id: str | No
         return path, image.size
 
 
-@media_router.get("/projects/{path:path}", include_in_schema=True, summary="A project's media file (Range ok)")
-def project_media(path: str, studio: StudioDep) -> FileResponse:
-    return _media(studio, f"/projects/{quote(path)}")
+@media_router.get("/projects/{path:path}", summary="A project's media file (Range ok)", response_class=FileResponse,
+                  responses=MEDIA_FILE)  # fmt: skip
+def project_media(path: str, media: MediaDep) -> FileResponse:
+    return _media(media, f"/projects/{quote(path)}")
 
 
-@media_router.get("/uploads/{path:path}", summary="An upload without a project (Range ok)")
-def upload_media(path: str, studio: StudioDep) -> FileResponse:
-    return _media(studio, f"/uploads/{quote(path)}")
+@media_router.get("/uploads/{path:path}", summary="An upload without a project (Range ok)", response_class=FileResponse,
+                  responses=MEDIA_FILE)  # fmt: skip
+def upload_media(path: str, media: MediaDep) -> FileResponse:
+    return _media(media, f"/uploads/{quote(path)}")
 
 
-def _media(studio, url: str) -> FileResponse:
+def _media(media, url: str) -> FileResponse:
     """`url` quoted again: the route's path is already decoded, and resolve() decodes a URL once."""
     try:
-        file = studio.media.resolve(url, "path")
+        file = media.resolve(url, "path")
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     if not file.is_file():

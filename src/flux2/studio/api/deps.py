@@ -1,5 +1,6 @@
-"""What routes receive, as named Annotated types: the service's parts live on app.state (set up by the app's
-lifespan) and a database session per request; and the API-token comparison the app's gatekeeper uses."""
+"""What routes receive, as named Annotated types: each part of the service (set up on app.state by the app's
+lifespan) on its own, and a database session per request; and the API-token comparison the app's gatekeeper
+uses."""
 
 import secrets
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from flux2.registry import ModelInfo
 from flux2.studio.config import StudioSettings
+from flux2.studio.events import EventBus
 from flux2.studio.jobs_store import JobStore
 from flux2.studio.segmentation import SegmentationClient
 from flux2.studio.storage import MediaStore
@@ -22,6 +25,7 @@ class Studio:
     """Everything one running service holds."""
 
     settings: StudioSettings
+    model: ModelInfo  # the served model: requests are checked and resolved for it when they are queued
     engine: Engine
     media: MediaStore
     jobs: JobStore
@@ -29,12 +33,40 @@ class Studio:
     segmentation: SegmentationClient
 
 
-def get_studio(request: Request) -> Studio:
+def _studio(request: Request) -> Studio:
     return request.app.state.studio
 
 
-def get_session(studio: Annotated[Studio, Depends(get_studio)]) -> Iterator[Session]:
-    with Session(studio.engine, expire_on_commit=False) as session:
+def get_settings(request: Request) -> StudioSettings:
+    return _studio(request).settings
+
+
+def get_model(request: Request) -> ModelInfo:
+    return _studio(request).model
+
+
+def get_media(request: Request) -> MediaStore:
+    return _studio(request).media
+
+
+def get_jobs(request: Request) -> JobStore:
+    return _studio(request).jobs
+
+
+def get_worker(request: Request) -> Worker:
+    return _studio(request).worker
+
+
+def get_events(request: Request) -> EventBus:
+    return _studio(request).worker.events
+
+
+def get_segmentation(request: Request) -> SegmentationClient:
+    return _studio(request).segmentation
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(_studio(request).engine, expire_on_commit=False) as session:
         yield session
 
 
@@ -47,5 +79,11 @@ def token_matches(request: Request, token: str) -> bool:
     return secrets.compare_digest(given.encode(), token.encode())
 
 
-StudioDep = Annotated[Studio, Depends(get_studio)]
+SettingsDep = Annotated[StudioSettings, Depends(get_settings)]
+ModelDep = Annotated[ModelInfo, Depends(get_model)]
+MediaDep = Annotated[MediaStore, Depends(get_media)]
+JobsDep = Annotated[JobStore, Depends(get_jobs)]
+WorkerDep = Annotated[Worker, Depends(get_worker)]
+EventsDep = Annotated[EventBus, Depends(get_events)]
+SegmentationDep = Annotated[SegmentationClient, Depends(get_segmentation)]
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -1,21 +1,41 @@
-"""Jobs: start image generation, follow it, cancel it; the queue's state."""
+"""Jobs: start image generation, follow it, cancel it; the queue's state. And what every job route shares: a body
+checked once against the served model, and a job queued with its payload."""
+
+from dataclasses import asdict
 
 from fastapi import APIRouter, HTTPException
 
-from flux2.studio.api.deps import SessionDep, StudioDep
-from flux2.studio.api.schemas import AdvancedRequest, GenerateImageRequest
-from flux2.studio.records import Asset, Element, Project, job_status
+from flux2.registry import ModelInfo
+from flux2.request import GenerationRequest
+from flux2.studio.api.deps import JobsDep, MediaDep, ModelDep, SessionDep, WorkerDep
+from flux2.studio.api.responses import CancelAnswer, GpuStatus, JobState, Queued
+from flux2.studio.api.schemas import AdvancedRequest, GenerateImageRequest, GenerationBody
+from flux2.studio.jobs_store import JobStore
+from flux2.studio.payloads import ImageJob, JobPayload, ShotJob
+from flux2.studio.records import Asset, Element, Project
+from flux2.studio.storage import MediaStore
+from flux2.studio.worker import Worker
 
 router = APIRouter(tags=["jobs"])
+Notes = tuple[str, ...]
 
 
-def queue_job(studio, job_type: str, project_id: str | None, prompt: str, params: dict, job_id: str | None = None):
-    job = studio.jobs.create(job_type, project_id, prompt, params, seed=params.get("seed"), job_id=job_id)
-    studio.worker.submit(job.id)
-    return {"job_id": job.id, "status": "queued"}
+def fitted(body: GenerationBody, request: GenerationRequest, model: ModelInfo) -> tuple[GenerationRequest, Notes]:
+    """The one check of a body's generation fields: their ranges, then the served model's rules. What the model
+    cannot use is dropped, with a note; the seed is drawn here. A bad value is a 422 naming the body's field."""
+    try:
+        return request.fitted(model)
+    except ValueError as err:
+        raise HTTPException(422, body.in_front_end_terms(err)) from None
 
 
-def check_references(studio, session, project_id: str, items: list[str]) -> None:
+def queue_job(jobs: JobStore, worker: Worker, payload: JobPayload, job_id: str | None = None) -> Queued:
+    job = jobs.create(payload, job_id=job_id)
+    worker.submit(job.id)
+    return Queued(job_id=job.id, status="queued")
+
+
+def check_references(media: MediaStore, session, project_id: str, items: list[str]) -> None:
     """Each reference is an element of this project with a picture, an asset of this project, or a media file
     inside the data folder: anything else is refused now, not after the job waited in the queue."""
     for i, item in enumerate(items):
@@ -28,7 +48,7 @@ def check_references(studio, session, project_id: str, items: list[str]) -> None
         if asset is not None and asset.project_id == project_id:
             continue
         try:
-            path = studio.media.resolve(item, f"reference_images[{i}]")
+            path = media.resolve(item, f"reference_images[{i}]")
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
         if not path.is_file():
@@ -43,44 +63,51 @@ def require_project(session, project_id: str) -> Project:
 
 
 @router.post("/generate/image", summary="Queue a text-to-image job (with element or image references)")
-def generate_image(body: GenerateImageRequest, studio: StudioDep, session: SessionDep) -> dict:
+def generate_image(body: GenerateImageRequest, jobs: JobsDep, worker: WorkerDep, media: MediaDep, model: ModelDep,
+                   session: SessionDep) -> Queued:  # fmt: skip
+    request, notes = fitted(body, body.to_request(), model)
     require_project(session, body.project_id)
-    check_references(studio, session, body.project_id, body.reference_images)
-    return queue_job(studio, "image", body.project_id, body.prompt, body.model_dump())
+    check_references(media, session, body.project_id, body.reference_images)
+    payload = ImageJob(project_id=body.project_id, request=request, references=tuple(body.reference_images),
+                       notes=notes)  # fmt: skip
+    return queue_job(jobs, worker, payload)
 
 
 @router.post("/generate/advanced", summary="The studio's shot generation: one frame is an image job")
-def generate_advanced(body: AdvancedRequest, studio: StudioDep, session: SessionDep) -> dict:
+def generate_advanced(body: AdvancedRequest, jobs: JobsDep, worker: WorkerDep, media: MediaDep, model: ModelDep,
+                      session: SessionDep) -> Queued:  # fmt: skip
     require_project(session, body.project_id)
     shot = body.shot_config
     if shot.num_frames != 1:
         raise HTTPException(501, "video generation is not part of this service: only num_frames == 1 (an image)")
-    check_references(studio, session, body.project_id, shot.reference_images)
-    params = {**shot.model_dump(), "guidance_scale": shot.cfg_scale}
-    return queue_job(studio, "advanced", body.project_id, shot.prompt, params)
+    request, notes = fitted(shot, shot.to_request(), model)
+    check_references(media, session, body.project_id, shot.reference_images)
+    payload = ShotJob(project_id=body.project_id, request=request, references=tuple(shot.reference_images),
+                      notes=notes)  # fmt: skip
+    return queue_job(jobs, worker, payload)
 
 
 @router.get("/status/{job_id}", summary="A job's status (the same schema for every job type)")
-def status(job_id: str, studio: StudioDep) -> dict:
-    job = studio.jobs.get(job_id)
+def status(job_id: str, jobs: JobsDep) -> JobState:
+    job = jobs.get(job_id)
     if job is None:
         raise HTTPException(404, f"job_id {job_id!r}: no such job")
-    return job_status(job)
+    return JobState.of(job)
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a queued job, or stop a running one at its next step")
-def cancel(job_id: str, studio: StudioDep) -> dict:
-    if studio.jobs.get(job_id) is None:
+def cancel(job_id: str, jobs: JobsDep, worker: WorkerDep) -> CancelAnswer:
+    if jobs.get(job_id) is None:
         raise HTTPException(404, f"job_id {job_id!r}: no such job")
-    return {"job_id": job_id, "status": studio.worker.cancel(job_id)}
+    return CancelAnswer(job_id=job_id, status=worker.cancel(job_id))
 
 
 @router.get("/projects/{project_id}/active_jobs", summary="The project's queued and running jobs")
-def active_jobs(project_id: str, studio: StudioDep, session: SessionDep) -> list[dict]:
+def active_jobs(project_id: str, jobs: JobsDep, session: SessionDep) -> list[JobState]:
     require_project(session, project_id)
-    return [job_status(job) for job in studio.jobs.active(project_id)]
+    return [JobState.of(job) for job in jobs.active(project_id)]
 
 
 @router.get("/gpu/status", summary="Whether the model is busy, and how many jobs wait")
-def gpu_status(studio: StudioDep) -> dict:
-    return studio.worker.status()
+def gpu_status(worker: WorkerDep) -> GpuStatus:
+    return GpuStatus(**asdict(worker.status()))

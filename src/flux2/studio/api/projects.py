@@ -3,12 +3,19 @@
 from fastapi import APIRouter, HTTPException
 from sqlmodel import col, select
 
-from flux2.studio.api.deps import SessionDep, StudioDep
-from flux2.studio.api.jobs import queue_job, require_project
+from flux2.studio.api.deps import JobsDep, MediaDep, ModelDep, SessionDep, WorkerDep
+from flux2.studio.api.jobs import fitted, queue_job, require_project
+from flux2.studio.api.responses import ElementDeleted, ProjectDeleted, Queued
 from flux2.studio.api.schemas import ElementCreate, ElementUpdate, ProjectCreate, ProjectUpdate, VisualizeRequest
+from flux2.studio.payloads import VisualizeJob
 from flux2.studio.records import Element, Project, utcnow
 
 router = APIRouter(tags=["projects"])
+VISUAL_TEMPLATES = {
+    "character": "character sheet of {name}, {description}; full body, front and side views, neutral background",
+    "location": "concept art of {name}, {description}; wide establishing shot, natural light",
+    "object": "product shot of {name}, {description}; clean background, soft studio light",
+}
 
 
 @router.post("/projects", status_code=201, summary="Create a project")
@@ -41,23 +48,23 @@ def update_project(project_id: str, body: ProjectUpdate, session: SessionDep) ->
 
 
 @router.delete("/projects/{project_id}", summary="Delete a project, its elements, assets and files")
-def delete_project(project_id: str, studio: StudioDep, session: SessionDep) -> dict:
+def delete_project(project_id: str, jobs: JobsDep, media: MediaDep, session: SessionDep) -> ProjectDeleted:
     project = require_project(session, project_id)
-    if studio.jobs.active(project_id):
+    if jobs.active(project_id):
         raise HTTPException(409, f"project {project_id} has queued or running jobs: cancel them first")
     session.delete(project)
     session.commit()
-    studio.media.remove_project(project_id)
-    return {"status": "deleted", "project_id": project_id}
+    media.remove_project(project_id)
+    return ProjectDeleted(status="deleted", project_id=project_id)
 
 
 @router.post("/projects/{project_id}/elements", status_code=201, summary="Create an element")
-def create_element(project_id: str, body: ElementCreate, studio: StudioDep, session: SessionDep) -> Element:
+def create_element(project_id: str, body: ElementCreate, media: MediaDep, session: SessionDep) -> Element:
     require_project(session, project_id)
     _check_trigger(session, project_id, body.trigger_word)
     fields = body.model_dump()
     if body.image_path:  # stored as a media URL, whatever form the client gave
-        fields["image_path"] = _picture(studio, body.image_path)
+        fields["image_path"] = _picture(media, body.image_path)
     element = Element(project_id=project_id, **fields)
     session.add(element)
     session.commit()
@@ -71,13 +78,13 @@ def list_elements(project_id: str, session: SessionDep) -> list[Element]:
 
 
 @router.patch("/elements/{element_id}", summary="Change an element's fields")
-def update_element(element_id: str, body: ElementUpdate, studio: StudioDep, session: SessionDep) -> Element:
+def update_element(element_id: str, body: ElementUpdate, media: MediaDep, session: SessionDep) -> Element:
     element = _element(session, element_id)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if "trigger_word" in changes:
         _check_trigger(session, element.project_id, changes["trigger_word"], element.id)
     if changes.get("image_path"):  # stored as a media URL, whatever form the client gave
-        changes["image_path"] = _picture(studio, changes["image_path"])
+        changes["image_path"] = _picture(media, changes["image_path"])
     elif changes.get("image_path") == "":
         changes["image_path"] = None  # the picture is cleared
     for field, value in changes.items():
@@ -88,24 +95,31 @@ def update_element(element_id: str, body: ElementUpdate, studio: StudioDep, sess
 
 
 @router.delete("/elements/{element_id}", summary="Delete an element")
-def delete_element(element_id: str, session: SessionDep) -> dict:
+def delete_element(element_id: str, session: SessionDep) -> ElementDeleted:
     session.delete(_element(session, element_id))
     session.commit()
-    return {"status": "deleted", "element_id": element_id}
+    return ElementDeleted(status="deleted", element_id=element_id)
 
 
 @router.post("/elements/{element_id}/visualize", summary="Queue a picture of the element (it becomes its image)")
-def visualize(element_id: str, body: VisualizeRequest, studio: StudioDep, session: SessionDep) -> dict:
+def visualize(element_id: str, body: VisualizeRequest, jobs: JobsDep, worker: WorkerDep, model: ModelDep,
+              session: SessionDep) -> Queued:  # fmt: skip
     element = _element(session, element_id)
-    params = {**body.model_dump(), "element_id": element.id}
-    return queue_job(studio, "visualize", element.project_id, body.prompt_override or element.name, params)
+    request, notes = fitted(body, body.to_request(body.prompt_override or visual_prompt(element)), model)
+    payload = VisualizeJob(project_id=element.project_id, element_id=element.id, request=request, notes=notes)
+    return queue_job(jobs, worker, payload)
 
 
-def _picture(studio, image_path: str) -> str:
-    path = studio.media.resolve(image_path, "image_path")
+def visual_prompt(element: Element) -> str:
+    """A picture of the element in words, after its type: a character sheet, concept art, a product shot."""
+    return VISUAL_TEMPLATES[element.type].format(name=element.name, description=element.description or element.name)
+
+
+def _picture(media, image_path: str) -> str:
+    path = media.resolve(image_path, "image_path")
     if not path.is_file():
         raise HTTPException(422, f"image_path {image_path!r}: no such file (upload it first)")
-    return studio.media.url_for(path)
+    return media.url_for(path)
 
 
 def _element(session, element_id: str) -> Element:
