@@ -43,6 +43,7 @@ EDIT_MODES = frozenset({"img2img", "inpaint", "outpaint"})
 CFG_MODES: tuple[str, ...] = get_args(CfgMode)
 STRENGTH_DEFAULT = {"img2img": 0.8, "inpaint": 1.0, "outpaint": 1.0}  # how far back on the schedule an edit starts
 ALL, EDITS, GENERATE = frozenset(MODES), EDIT_MODES, frozenset({"generate"})
+INPUTS = frozenset({"prompt", "reference_images", "ip_adapter_images", "image", "mask"})  # see with_inputs
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,9 @@ class GenerationRequest:
     right: int = param(0, help="outpaint: px added on the right", **MARGIN)
     top: int = param(0, help="outpaint: px added at the top", **MARGIN)
     bottom: int = param(0, help="outpaint: px added at the bottom", **MARGIN)
-    resolved_for: str | None = field(default=None, compare=False)  # the model `resolve` checked this for
+    # The model `resolve` checked this request for. Not an argument: any `replace` makes a request that is checked
+    # again; only `with_inputs` keeps it (a prompt or image files settled later, checked there).
+    resolved_for: str | None = field(default=None, init=False, compare=False)
 
     # ------------------------------------------------------------------ checks
 
@@ -287,7 +290,7 @@ class GenerationRequest:
             return self
         self.check_model(info)
         sized = self.mode != "generate" or self.match_image_size is not None  # the size comes from an image
-        return replace(
+        resolved = replace(
             self,
             width=None if sized else self.width or info.width,
             height=None if sized else self.height or info.height,
@@ -296,8 +299,25 @@ class GenerationRequest:
             seed=random.randrange(NEW_SEED_RANGE) if self.seed is None else self.seed,
             negative_prompt=self.negative_prompt or None,  # "" is the default negative, not a request
             strength=self.strength if self.strength is not None else STRENGTH_DEFAULT.get(self.mode),
-            resolved_for=info.name,
         )
+        return resolved._resolved(info.name)
+
+    def with_inputs(self, **inputs) -> "GenerationRequest":
+        """This request with its prompt or images replaced (a service settles files and trigger words when a job
+        runs), still resolved: only the new values are checked."""
+        if unknown := sorted(inputs.keys() - INPUTS):
+            raise ValueError(f"with_inputs takes {', '.join(sorted(INPUTS))}, not {', '.join(unknown)}")
+        new = replace(self, **inputs)
+        for name, value in inputs.items():
+            request_params()[name].check(name, value)
+        if new.match_image_size is not None and new.match_image_size >= len(new.reference_images):
+            raise ValueError(f"match_image_size={new.match_image_size} but there are "
+                             f"{len(new.reference_images)} reference images")  # fmt: skip
+        return new._resolved(self.resolved_for)
+
+    def _resolved(self, model: str | None) -> "GenerationRequest":
+        object.__setattr__(self, "resolved_for", model)  # frozen: set once, on a request made just now
+        return self
 
     def fitted(self, info: ModelInfo) -> tuple["GenerationRequest", tuple[str, ...]]:
         """This request without what `info` cannot use, and a note for each thing dropped: for front ends that
@@ -346,7 +366,8 @@ class GenerationRequest:
         return cls(**{**settings, **images})
 
     def to_json(self) -> dict[str, object]:
-        """JSON-ready fields (images as paths: a request stored for later holds no pixels)."""
+        """JSON-ready fields, and the model it was resolved for (images as paths: a stored request holds no
+        pixels)."""
         data = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -357,10 +378,11 @@ class GenerationRequest:
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> "GenerationRequest":
-        names = {f.name: f for f in fields(cls)}
+        """A stored request as it was stored: resolved for the model it names, not checked again."""
+        names = request_params()
         values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
                   if key in names}  # fmt: skip
-        return cls(**values)
+        return cls(**values)._resolved(data.get("resolved_for"))
 
 
 def _json_images(name: str, value: object) -> object:

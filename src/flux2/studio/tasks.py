@@ -75,7 +75,7 @@ class Tasks:
         pipe = self.holder.get(ctx.report)
         prompt, references = self._references(job.project_id, job.request.prompt, job.references)
         notes = self._say_notes(job, ctx)
-        out = self._run(pipe, replace(job.request, prompt=prompt, reference_images=tuple(references)), ctx)
+        out = self._run(pipe, job.request.with_inputs(prompt=prompt, reference_images=tuple(references)), ctx)
         urls = [self.media.url_for(path) for path in references]
         meta = {"prompt": prompt, "negative_prompt": job.request.negative_prompt or "", "reference_images": urls}
         result = self._result(job_id, job.project_id, out, meta, "image")
@@ -86,7 +86,7 @@ class Tasks:
         image, mask = job.request.image, job.request.mask
         self._say_notes(job, ctx)
         files = {"image": self.media.resolve(image, "image_path"), "mask": self.media.resolve(mask, "mask_path")}
-        out = self._run(pipe, replace(job.request, **files), ctx)
+        out = self._run(pipe, job.request.with_inputs(**files), ctx)
         meta = {"prompt": job.request.prompt, "source": "inpaint", "original_image": image, "mask": mask}
         return self._result(job_id, job.project_id, out, meta, "inpaint")
 

@@ -1,7 +1,6 @@
 """Inpainting jobs, and masks from the segmentation service (points and labels arrive as JSON, never code)."""
 
 import re
-from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
@@ -51,7 +50,7 @@ async def inpaint(
     given_mask = media.url_for(_resolve(media, body.mask_path, "mask_path")) if body.mask_path else None
     request, notes = fitted(body, body.to_request(media.url_for(image), given_mask or MASK_TO_COME), model)
     mask_path = given_mask or await _segmented_mask(body, media, segmentation, image, project_id)
-    payload = InpaintJob(project_id=project_id, request=replace(request, mask=mask_path), notes=notes)
+    payload = InpaintJob(project_id=project_id, request=request.with_inputs(mask=mask_path), notes=notes)
     try:
         queued = await run_in_threadpool(queue_job, jobs, worker, payload, job_id)
     except ValueError as err:
