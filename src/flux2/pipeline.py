@@ -177,10 +177,11 @@ class Flux2Pipeline:
 
     Components may be passed in already built (tests, custom weights); otherwise they are loaded by name.
     `cpu_offload` applies flux2.transforms.offload: models stay on the CPU and visit the device only for the
-    stages that use them. `upsampler` rewrites
-    prompts (never failing a generation), `safety` screens the prompt, the references and the outputs, and
-    `watermark` (on by default; None turns it off) marks every output. `progress` hears of each component
-    loaded (stage "load"). `ip_adapter` (flux2.ip_adapter) adds image-prompt tokens to the text stream.
+    stages that use them. `upsampler` rewrites prompts (never failing a generation), `safety` screens the prompt,
+    the references and the outputs, and `watermark` (on by default; None turns it off) marks every output.
+    `progress` hears of each component loaded (stage "load"). `ip_adapter` (flux2.ip_adapter) adds image-prompt
+    tokens to the text stream. `run(request)` serves a GenerationRequest; `generate`, `edit`, `img2img`,
+    `inpaint` and `outpaint` build one from keyword arguments.
     """
 
     def __init__(
