@@ -319,9 +319,10 @@ def test_unknown_ids_are_404_naming_the_id(service, source):
     requests = [
         ("GET", f"/status/job_{nope[:12]}", None), ("POST", f"/jobs/job_{nope[:12]}/cancel", None),
         ("GET", f"/projects/{nope}", None), ("PATCH", f"/projects/{nope}", {"name": "x"}),
-        ("DELETE", f"/projects/{nope}", None), ("GET", f"/projects/{nope}/elements", None),
+        ("DELETE", f"/projects/{nope}", None),
         ("POST", f"/projects/{nope}/elements", {"name": "x", "trigger_word": "@x"}),
-        ("PATCH", f"/elements/{nope}", {"name": "x"}), ("DELETE", f"/elements/{nope}", None),
+        ("PATCH", f"/elements/{nope}", {"name": "x"}), ("PUT", f"/elements/{nope}", {"name": "x"}),
+        ("DELETE", f"/elements/{nope}", None),
         ("POST", f"/elements/{nope}/visualize", {}), ("DELETE", f"/assets/{nope}", None),
         ("POST", "/generate/image", {"project_id": nope, "prompt": "x", "width": 64, "height": 64}),
         ("POST", "/generate/advanced", {"project_id": nope, "shot_config": {"prompt": "x", "num_frames": 1}}),
@@ -331,6 +332,8 @@ def test_unknown_ids_are_404_naming_the_id(service, source):
             response = client.request(method, path, json=body)
             assert response.status_code == 404, (method, path, response.text)
             assert nope[:12] in response.json()["detail"], (method, path, response.text)
+        for listing in (f"/projects/{nope}/elements", f"/projects/{nope}/images"):  # lists: [], as the front end needs
+            assert client.get(listing).json() == [], listing
         for url in (f"/projects/{source['project']}/generated/{nope}.jpg", f"/uploads/{nope}.png"):
             response = client.get(url)
             assert response.status_code == 404 and "no such file" in response.json()["detail"], response.text

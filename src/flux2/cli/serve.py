@@ -23,7 +23,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data folder)")
     p.add_argument("--model", help="registry name of the model to serve (default: flux.2-klein-4b)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--cors", action="append", dest="cors_origins", help="allowed browser origin (repeatable)")
+    p.add_argument("--cors", action="append", dest="cors_origins", metavar="ORIGIN",
+                   help="allowed browser origin, repeatable; '*' for any (default: the studio front end's "
+                        "http://localhost:5173, http://127.0.0.1:5173 and http://localhost:3000)")  # fmt: skip
     p.add_argument("--api-token", help="require Authorization: Bearer TOKEN on every request")
     p.add_argument("--segmentation-url", help="the segmentation (SAM) service (default: http://127.0.0.1:8001)")
     p.set_defaults(handler=run)

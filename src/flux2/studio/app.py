@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def open_studio(settings: StudioSettings, pipeline=None) -> Studio:
-    """The database (migrated in place), the media folder, the job store and an in-process worker."""
+    """The database (migrated in place), the media folder (its tmp/ swept of what no live job owns), the job
+    store and an in-process worker."""
     model = model_info(settings.model)
     if pipeline is not None and pipeline.info.name != model.name:  # jobs are resolved for settings.model
         raise ValueError(f"the pipeline runs {pipeline.info.name}, but settings.model is {settings.model!r}")
@@ -39,6 +40,8 @@ def open_studio(settings: StudioSettings, pipeline=None) -> Studio:
     upgrade(engine)
     media = MediaStore(settings.data_dir, settings.max_upload_bytes)
     store = JobStore(engine)
+    if swept := media.sweep_tmp(job.id for job in store.active()):  # before the worker starts writing there
+        log.info("removed %d stale temporary file(s) or workspace(s): %s", len(swept), ", ".join(swept[:20]))
     tasks = Tasks(PipelineHolder(settings, pipeline), media, engine)
     worker = LocalWorker(store, tasks, EventBus(settings.sse_queue_size), media)
     segmentation = SegmentationClient(settings.segmentation_url, settings.segmentation_timeout_s)
@@ -64,7 +67,7 @@ def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI
 
     app = FastAPI(title="flux2 studio", version=__version__, lifespan=lifespan)
     app.middleware("http")(_gatekeeper(settings))
-    if settings.cors_origins:
+    if settings.cors_origins:  # outermost: preflights are answered before the gatekeeper asks for a token
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
     app.add_exception_handler(ValueError, _bad_request)

@@ -12,6 +12,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+# The studio front end in development: Vite (5173, as localhost or 127.0.0.1) and the CRA/Next port (3000).
+FRONT_END_ORIGINS = ("http://localhost:5173", "http://127.0.0.1:5173", "http://localhost:3000")
 
 
 class StudioSettings(BaseSettings):
@@ -28,8 +30,9 @@ class StudioSettings(BaseSettings):
     database_url: str | None = None  # None: SQLite in the data folder (see `db_url`)
     model: str = Field("flux.2-klein-4b", min_length=1)  # checked against the registry when the worker loads it
     device: str | None = None  # None: CUDA, then MPS, then CPU
-    # Environment: a JSON list or comma-separated origins ("http://localhost:5173,http://127.0.0.1:5173").
-    cors_origins: Annotated[list[str], NoDecode] = []
+    # Browser origins allowed to call the service: by default the studio front end's local dev servers. Given
+    # origins replace these ("*" only when given); environment: a JSON list or comma-separated origins.
+    cors_origins: Annotated[list[str], NoDecode] = list(FRONT_END_ORIGINS)
     api_token: str | None = None  # when set, requests must send `Authorization: Bearer <token>`
     segmentation_url: str = Field("http://127.0.0.1:8001", pattern=r"^https?://")  # the SAM service
     segmentation_timeout_s: float = Field(30.0, gt=0)

@@ -11,17 +11,32 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import BaseModel, field_serializer
+from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer, model_serializer
 
-from flux2.studio.records import Job
+from flux2.studio.payloads import InpaintJob
+from flux2.studio.records import Job, JobStatus, utcnow
 
 EVENT_NAMES = ("progress", "complete", "error", "cancelled")
+# Below this share of the work the job is still loading the model or encoding, whose time says nothing of the
+# denoising steps' (tasks.PROGRESS_SPAN): no estimate yet.
+ETA_MIN_PROGRESS = 12
 
 
 class JobState(BaseModel):
     """The one status schema of every job, in /status, active_jobs and every SSE event. `error` repeats
-    error_message, `message` repeats status_message and `url` repeats output_url, for the studio front end's
-    older readers; an `error` event's `message` is the error, a `complete` event's `type` the kind of output."""
+    error_message, `message` repeats status_message, and `url` and `video_url` repeat output_url, for the studio
+    front end's readers; an `error` event's `message` is the error, a `complete` event's `type` the kind of output.
+
+    Per job type, as the front end reads it (spec: milimo-frontend-contract.md):
+    * its SSE `complete` makes `url` the shot's video and `actual_frames` its frame count, so an inpaint job (an
+      edited frame of a shot) sends no `url` at all (the key is left out: a reader that tests presence must not
+      find it), `thumbnail_url` = the full inpainted image, and no `actual_frames`;
+    * every other job's output is one image: `url` is it, `thumbnail_url` its quarter-size thumbnail,
+      `actual_frames` 1 once it is done;
+    * /status after a page reload (utils/jobPoller.ts) reads `video_url` = the output (also for images and
+      inpainting, as the studio's own backend answers), `thumbnail_url`, `actual_frames`, `enhanced_prompt` and
+      `eta_seconds`.
+    """
 
     job_id: str
     type: str
@@ -35,8 +50,11 @@ class JobState(BaseModel):
     asset_id: str | None
     seed: int | None
     output_url: str | None
-    url: str | None
+    url: str | None = None  # left out of the JSON for inpaint jobs (see above)
+    video_url: str | None = None
     thumbnail_url: str | None
+    actual_frames: int | None = None
+    eta_seconds: float | None = None  # while processing, from the time the steps so far took
     enhanced_prompt: str | None
     created_at: datetime | None
     started_at: datetime | None
@@ -44,17 +62,38 @@ class JobState(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> "JobState":
+        inpaint = job.type == InpaintJob.job_type
+        done = job.status == JobStatus.COMPLETED and job.output_url is not None
         return cls(
             job_id=job.id, type=job.type, project_id=job.project_id, status=job.status, progress=job.progress,
             status_message=job.status_message, message=job.status_message, error_message=job.error_message,
             error=job.error_message, asset_id=job.asset_id, seed=job.seed, output_url=job.output_url,
-            url=job.output_url, thumbnail_url=job.thumbnail_url, enhanced_prompt=job.enhanced_prompt,
-            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+            url=None if inpaint else job.output_url, video_url=job.output_url,
+            thumbnail_url=job.output_url if inpaint else job.thumbnail_url,
+            actual_frames=1 if done and not inpaint else None, eta_seconds=eta_seconds(job),
+            enhanced_prompt=job.enhanced_prompt, created_at=job.created_at, started_at=job.started_at,
+            finished_at=job.finished_at,
         )  # fmt: skip
+
+    # No return annotation: with one, the OpenAPI document would show a bare object instead of this schema.
+    @model_serializer(mode="wrap")
+    def _per_job_type(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        if self.type == InpaintJob.job_type:
+            data.pop("url", None)
+        return data
 
     @field_serializer("created_at", "started_at", "finished_at")
     def _iso(self, value: datetime | None) -> str | None:
         return value.isoformat() if value else None
+
+
+def eta_seconds(job: Job) -> float | None:
+    """Seconds left of a processing job, from the pace of its progress so far; None before there is one."""
+    if job.status != JobStatus.PROCESSING or job.started_at is None or job.progress < ETA_MIN_PROGRESS:
+        return None
+    elapsed = (utcnow() - job.started_at).total_seconds()
+    return round(max(0.0, elapsed * (100 - job.progress) / job.progress), 1)
 
 
 @dataclass(frozen=True)

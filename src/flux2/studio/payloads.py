@@ -22,6 +22,10 @@ class Payload:
     project_id: str  # where the output goes
     request: GenerationRequest  # resolved: model defaults filled in, seed drawn
     notes: tuple[str, ...] = ()  # what the model does not use of what was sent, said in the job's status
+    # The client's Idempotency-Key header, and a digest of the request it came with: a retry with that key answers
+    # this job (flux2.studio.api.jobs.Submission). Kept here, in Job.params, so no column is needed.
+    idempotency_key: str | None = None
+    request_digest: str | None = None
 
     def __post_init__(self) -> None:
         if self.request.resolved_for is None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote, urlsplit
@@ -145,6 +146,24 @@ class MediaStore:
 
     def clear_workspace(self, job_id: str) -> None:
         shutil.rmtree(self.tmp_dir / check_safe_id("job_id", job_id), ignore_errors=True)
+
+    def sweep_tmp(self, live_jobs: Iterable[str]) -> list[str]:
+        """Remove what tmp/ holds but the workspaces of `live_jobs` (pending or processing), and return the names
+        removed: uploads and jobs a stopped server left half-written. Only safe when nothing is being written,
+        which is why the service runs it at start-up, before it takes requests or runs jobs."""
+        if not self.tmp_dir.is_dir():
+            return []
+        keep = set(live_jobs)
+        removed = []
+        for entry in sorted(self.tmp_dir.iterdir()):
+            if entry.name in keep and entry.is_dir() and not entry.is_symlink():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        return removed
 
     def publish(self, tmp_file: Path | str, final_path: Path | str) -> Path:
         """Move a finished file into place, atomically, and return its final path.

@@ -1,6 +1,7 @@
 """Assets: a project's images, uploads, deletion, and the media files themselves (with Range support)."""
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
@@ -10,8 +11,7 @@ from PIL import Image
 from sqlmodel import col, select
 
 from flux2.studio.api.deps import MediaDep, SessionDep
-from flux2.studio.api.jobs import require_project
-from flux2.studio.api.responses import AssetDeleted, Uploaded
+from flux2.studio.api.responses import AssetDeleted, GalleryImage, LibraryItem, Uploaded
 from flux2.studio.records import Asset, Project
 
 router = APIRouter(tags=["assets"])
@@ -21,11 +21,33 @@ MEDIA_FILE = {200: {"description": "The file (206 with a Range)",
                     "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
 
 
-@router.get("/projects/{project_id}/images", summary="The project's images, newest first")
-def project_images(project_id: str, session: SessionDep) -> list[Asset]:
-    require_project(session, project_id)
+@router.get("/projects/{project_id}/images", summary="A project's images, newest first (none for an unknown one)")
+def project_images(project_id: str, session: SessionDep) -> list[GalleryImage]:
+    # [] rather than 404: the front end lists the images of its built-in project before it is first saved.
     query = select(Asset).where(Asset.project_id == project_id, Asset.type == "image")
-    return list(session.exec(query.order_by(col(Asset.created_at).desc())).all())
+    assets = session.exec(query.order_by(col(Asset.created_at).desc())).all()
+    return [GalleryImage(**asset.model_dump(), meta_json=json.dumps(settings_meta(asset))) for asset in assets]
+
+
+def settings_meta(asset: Asset) -> dict[str, Any]:
+    """The asset's meta, plus the settings under the names the front end reads back to repeat an image (its
+    gallery: width, height, steps, guidance, reference_elements) and under the request's (num_inference_steps,
+    guidance_scale)."""
+    meta = dict(asset.meta)
+    meta.setdefault("width", asset.width)
+    meta.setdefault("height", asset.height)
+    meta.setdefault("num_inference_steps", meta.get("steps"))
+    meta.setdefault("guidance_scale", meta.get("guidance"))
+    meta.setdefault("reference_elements", meta.get("reference_images", []))  # sent back as reference_images
+    return meta
+
+
+@router.get("/uploads", summary="The asset library: every upload and generated file, newest first")
+def library(session: SessionDep) -> list[LibraryItem]:
+    assets = session.exec(select(Asset).order_by(col(Asset.created_at).desc())).all()
+    return [LibraryItem(id=a.id, asset_id=a.id, url=a.url, path=a.url, access_path=a.url, type=a.type,
+                        filename=a.filename, thumbnail=a.thumbnail_url, width=a.width, height=a.height,
+                        project_id=a.project_id, created_at=a.created_at) for a in assets]  # fmt: skip
 
 
 @router.delete("/assets/{asset_id}", summary="Delete an asset and its files")
@@ -61,7 +83,8 @@ async def upload(
                   filename=path.name, width=width, height=height, meta={"source": "upload", "kind": type})  # fmt: skip
     session.add(asset)
     session.commit()
-    return Uploaded(url=url, asset_id=asset.id, type=type, filename=path.name, access_path=url)
+    # `type` answers the media type (the front end's library reads it); the form's `type` is the upload's kind.
+    return Uploaded(url=url, asset_id=asset.id, type=asset.type, filename=path.name, access_path=url)
 
 
 def _store_upload(media, data: bytes, filename: str | None, project_id: str | None, kind: str):

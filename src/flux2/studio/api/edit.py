@@ -1,17 +1,31 @@
-"""Inpainting jobs, and masks from the segmentation service (points and labels arrive as JSON, never code)."""
+"""Inpainting jobs, and masks from the segmentation service (points and labels arrive as JSON, never code).
 
+/edit/segment and /edit/detect take two forms, told apart by the request's content type: JSON naming a stored
+picture (`image_path`), or multipart with the picture itself as the file `image`, as the studio's masking canvas
+sends it (points and labels as JSON strings). The multipart /edit/segment answers the mask itself (a PNG body),
+the JSON one the stored mask's URL.
+"""
+
+import io
+import json
 import re
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
-from flux2.studio.api.deps import JobsDep, MediaDep, ModelDep, SegmentationDep, WorkerDep
-from flux2.studio.api.jobs import fitted, queue_job
-from flux2.studio.api.responses import Detection, InpaintQueued, Mask, SamHealth
-from flux2.studio.api.schemas import InpaintRequest, SegmentRequest, TextSegmentRequest
-from flux2.studio.payloads import InpaintJob
+from flux2.editing import binary_mask
+from flux2.images import open_mask
+from flux2.studio.api.deps import JobsDep, MediaDep, ModelDep, SegmentationDep, SessionDep, WorkerDep
+from flux2.studio.api.jobs import IdempotencyKey, Submission, earlier_job, fitted, queue_job
+from flux2.studio.api.responses import FoundObjects, InpaintQueued, Mask, SamHealth
+from flux2.studio.api.schemas import DetectForm, InpaintRequest, SegmentForm, SegmentRequest, TextSegmentRequest
+from flux2.studio.payloads import InpaintJob, read_payload
 from flux2.studio.segmentation import SegmentationError
 from flux2.studio.storage import check_safe_id
 
@@ -19,6 +33,23 @@ router = APIRouter(tags=["edit"])
 PROJECT_URL = re.compile(r"^/?projects/([A-Za-z0-9_-]+)/")
 # The request is checked before the segmentation service is asked for a mask; this stands in for that mask.
 MASK_TO_COME = "(the mask the segmentation service makes)"
+MULTIPART = "multipart/form-data"
+M = TypeVar("M", bound=BaseModel)
+FORM_MAX_FIELDS = 8  # image, points, labels / text, confidence, and a few the front end may add
+FORM_MAX_FILES = 3  # the picture; a field sent as a file by mistake is then named in the answer, not counted
+FORM_OVERHEAD = 64 * 1024  # form fields and boundaries around the picture's bytes
+PNG_ANSWER = {"description": "multipart: the mask (PNG, 0/255); JSON: the stored mask's URL",
+              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}  # fmt: skip
+
+
+def _two_forms(json_body: type[BaseModel], form: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that takes JSON or multipart (the route reads the request itself)."""
+    fields = form.model_json_schema()
+    multipart = {**fields, "properties": {"image": {"type": "string", "format": "binary"}, **fields["properties"]},
+                 "required": ["image", *fields.get("required", [])]}  # fmt: skip
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": json_body.model_json_schema()},
+        MULTIPART: {"schema": multipart}}}}  # fmt: skip
 
 
 @router.post("/edit/inpaint", summary="Queue an inpainting job; the mask is given, or made from text or points")
@@ -29,8 +60,13 @@ async def inpaint(
     media: MediaDep,
     model: ModelDep,
     segmentation: SegmentationDep,
+    session: SessionDep,
     job_id: Annotated[str | None, Query()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> InpaintQueued:
+    submission = Submission.of(idempotency_key, "/edit/inpaint", body, job_id)
+    if (earlier := await run_in_threadpool(earlier_job, session, submission)) is not None:
+        return _inpaint_queued(earlier)
     image = _resolve(media, body.image_path, "image_path")
     if job_id is not None:
         try:
@@ -47,23 +83,51 @@ async def inpaint(
                                  "its project_id")  # fmt: skip
     if not (body.mask_path or body.text_mask or body.points):
         raise HTTPException(422, "give a mask: mask_path, text_mask (words) or points ([[x, y], ...])")
-    given_mask = media.url_for(_resolve(media, body.mask_path, "mask_path")) if body.mask_path else None
+    mask_file = _resolve(media, body.mask_path, "mask_path") if body.mask_path else None
+    given_mask = media.url_for(mask_file) if mask_file else None
     request, notes = fitted(body, body.to_request(media.url_for(image), given_mask or MASK_TO_COME), model)
+    if mask_file is not None:
+        await run_in_threadpool(_check_mask, image, mask_file, given_mask)
     mask_path = given_mask or await _segmented_mask(body, media, segmentation, image, project_id)
     payload = InpaintJob(project_id=project_id, request=request.with_inputs(mask=mask_path), notes=notes)
     try:
-        queued = await run_in_threadpool(queue_job, jobs, worker, payload, job_id)
+        queued = await run_in_threadpool(queue_job, jobs, worker, payload, job_id, submission, session)
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
     return InpaintQueued(**queued.model_dump(), mask_path=mask_path)
 
 
-@router.post("/edit/segment", summary="A mask from points, by the segmentation service")
-async def segment(body: SegmentRequest, media: MediaDep, segmentation: SegmentationDep) -> Mask:
+def _inpaint_queued(job) -> InpaintQueued:
+    """The answer the job's first submission got."""
+    return InpaintQueued(job_id=job.id, status="queued", mask_path=read_payload(job).request.mask)
+
+
+def _check_mask(image: Path, mask: Path, mask_url: str) -> None:
+    """The engine's own check, now rather than when the job runs: one channel, and the image's shape."""
+    try:
+        with Image.open(image) as picture:
+            size = picture.size
+    except (OSError, Image.DecompressionBombError) as err:
+        raise HTTPException(422, f"image_path: not a readable image ({err})") from None
+    try:
+        binary_mask(open_mask(mask), size)
+    except (ValueError, Image.DecompressionBombError) as err:
+        raise HTTPException(422, f"mask_path {mask_url!r}: {err}") from None
+
+
+@router.post("/edit/segment", summary="A mask from points, by the segmentation service: JSON or multipart",
+             responses={200: PNG_ANSWER}, openapi_extra=_two_forms(SegmentRequest, SegmentForm))  # fmt: skip
+async def segment(request: Request, media: MediaDep, segmentation: SegmentationDep) -> Mask:
+    if _is_multipart(request):
+        async with _form(request, media.max_upload_bytes) as form:
+            picture = await _form_image(form, media.max_upload_bytes)
+            fields = _validated(SegmentForm, {name: _json_field(form, name) for name in ("points", "labels")})
+        labels = _labels(fields.points, fields.labels)
+        png = await _segmentation(segmentation.mask_from_points(picture, fields.points, labels))
+        return Response(png, media_type="image/png")
+    body = _validated(SegmentRequest, await request.body())
     image = _resolve(media, body.image_path, "image_path")
-    labels = body.labels or [1] * len(body.points)
-    if len(labels) != len(body.points):
-        raise HTTPException(422, f"labels: {len(labels)} labels for {len(body.points)} points")
+    labels = _labels(body.points, body.labels)
     mask = segmentation.mask_from_points(await _read(image), body.points, labels)
     return Mask(mask_path=await _save_mask(media, mask, _project_of(media.url_for(image))))
 
@@ -75,12 +139,20 @@ async def segment_text(body: TextSegmentRequest, media: MediaDep, segmentation: 
     return Mask(mask_path=await _save_mask(media, mask, _project_of(media.url_for(image))))
 
 
-@router.post("/edit/detect", summary="Objects the text names: boxes, scores and masks")
-async def detect(body: TextSegmentRequest, media: MediaDep, segmentation: SegmentationDep) -> Detection:
-    image = _resolve(media, body.image_path, "image_path")
-    found = await _segmentation(segmentation.detect(await _read(image), body.text, body.confidence))
+@router.post("/edit/detect", summary="Objects the text names: boxes, scores and masks; JSON or multipart",
+             openapi_extra=_two_forms(TextSegmentRequest, DetectForm))  # fmt: skip
+async def detect(request: Request, media: MediaDep, segmentation: SegmentationDep) -> FoundObjects:
+    if _is_multipart(request):
+        async with _form(request, media.max_upload_bytes) as form:
+            picture = await _form_image(form, media.max_upload_bytes)
+            fields = _validated(DetectForm, {name: _text_field(form, name) for name in ("text", "confidence")
+                                             if form.get(name) is not None})  # fmt: skip
+    else:
+        fields = _validated(TextSegmentRequest, await request.body())
+        picture = await _read(_resolve(media, fields.image_path, "image_path"))
+    found = await _segmentation(segmentation.detect(picture, fields.text, fields.confidence))
     try:
-        return Detection.model_validate(found)
+        return FoundObjects.model_validate(found)
     except ValidationError as err:
         raise HTTPException(502, f"the segmentation service's /detect answer is malformed: {err}") from None
 
@@ -98,6 +170,75 @@ async def _segmented_mask(body: InpaintRequest, media, segmentation, image, proj
         return await _save_mask(media, segmentation.mask_from_text(picture, body.text_mask), project_id)
     labels = body.labels or [1] * len(body.points)
     return await _save_mask(media, segmentation.mask_from_points(picture, body.points, labels), project_id)
+
+
+def _labels(points: list[list[float]], labels: list[int] | None) -> list[int]:
+    """One label per point; all foreground when none are given."""
+    labels = labels or [1] * len(points)
+    if len(labels) != len(points):
+        raise HTTPException(422, f"labels: {len(labels)} labels for {len(points)} points")
+    return labels
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith(MULTIPART)
+
+
+def _form(request: Request, max_bytes: int):
+    """The request's form (as an async context manager, which closes its files); a body announced as larger
+    than a picture of `max_bytes` may be is refused before it is read."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes + FORM_OVERHEAD:
+        raise HTTPException(413, f"image: pictures are limited to {max_bytes} bytes")
+    return request.form(max_files=FORM_MAX_FILES, max_fields=FORM_MAX_FIELDS)
+
+
+def _validated(model: type[M], data: bytes | dict[str, Any]) -> M:
+    """`data` (a JSON body, or form fields) as `model`; a 422 naming each bad field, as FastAPI words them."""
+    try:
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
+    except ValidationError as err:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in err.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+def _text_field(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if isinstance(value, UploadFile):
+        raise HTTPException(422, f"{name} must be a text field, not a file")
+    return value
+
+
+def _json_field(form: FormData, name: str) -> Any:
+    """A form field that holds JSON (the canvas sends points and labels so); None when it is not there."""
+    text = _text_field(form, name)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise HTTPException(422, f"{name} must be a JSON string such as [[120, 80]], got {text[:80]!r}") from None
+
+
+async def _form_image(form: FormData, max_bytes: int) -> bytes:
+    """The picture sent as the file field `image`: an image of at most `max_bytes` bytes."""
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        what = "no field `image`" if upload is None else "a text field"
+        raise HTTPException(422, f"image: send the picture as a file field named image (got {what})")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image: pictures are limited to {max_bytes} bytes")
+    await run_in_threadpool(_check_picture, data)
+    return data
+
+
+def _check_picture(data: bytes) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            picture.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise HTTPException(422, f"image: not a readable picture (PNG, JPEG, WebP...): {err}") from None
 
 
 async def _save_mask(media, pending, project_id: str | None) -> str:

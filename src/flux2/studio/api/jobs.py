@@ -1,9 +1,13 @@
 """Jobs: start image generation, follow it, cancel it; the queue's state. And what every job route shares: a body
 checked once against the served model, and a job queued with its payload."""
 
-from dataclasses import asdict
+import hashlib
+from dataclasses import asdict, dataclass, replace
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Header, HTTPException
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
 
 from flux2.registry import ModelInfo
 from flux2.request import GenerationRequest
@@ -12,12 +16,58 @@ from flux2.studio.api.responses import CancelAnswer, GpuStatus, JobState, Queued
 from flux2.studio.api.schemas import AdvancedRequest, GenerateImageRequest, GenerationBody
 from flux2.studio.jobs_store import JobStore
 from flux2.studio.payloads import ImageJob, JobPayload, ShotJob
-from flux2.studio.records import Asset, Element, Project
+from flux2.studio.records import Asset, Element, Job, Project
 from flux2.studio.storage import MediaStore
 from flux2.studio.worker import Worker
 
 router = APIRouter(tags=["jobs"])
 Notes = tuple[str, ...]
+
+IDEMPOTENCY_KEY_MAX_CHARS = 255  # keys are UUIDs or similar; this only bounds what is stored
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS,
+           description="Makes the submission safe to retry: the same key answers the job it made"),
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A job submission made with an Idempotency-Key: the key, and a digest of what was asked (route, body and
+    query), so that a retry answers the job the first attempt made, and the key reused for something else is
+    refused."""
+
+    key: str
+    digest: str
+
+    @classmethod
+    def of(cls, key: str | None, route: str, body: BaseModel, *query: str | None) -> "Submission | None":
+        if key is None:
+            return None
+        asked = "\n".join([route, body.model_dump_json(), *(q or "" for q in query)])
+        return cls(key, hashlib.sha256(asked.encode()).hexdigest())
+
+    def job_id(self) -> str:
+        """The id of the job this key makes when the client names none: one key, one id, so two retries that
+        race each other cannot both create a job (the second insert hits the primary key)."""
+        return f"job_{hashlib.sha256(self.key.encode()).hexdigest()[:12]}"
+
+    def stamp(self, payload: JobPayload) -> JobPayload:
+        return replace(payload, idempotency_key=self.key, request_digest=self.digest)
+
+
+def earlier_job(session: Session, submission: Submission | None) -> Job | None:
+    """The job an earlier submission with this key made, if any; 422 if that submission asked for something
+    else. The key lives in Job.params (no column), so this reads it from there."""
+    if submission is None:
+        return None
+    with Session(session.get_bind()) as fresh:  # a new transaction: it sees a job a racing request just made
+        query = select(Job).where(col(Job.params)["idempotency_key"].as_string() == submission.key)
+        job = fresh.exec(query).first()
+    if job is not None and job.params.get("request_digest") != submission.digest:
+        raise HTTPException(422, f"Idempotency-Key {submission.key!r} was used for another request (job "
+                                 f"{job.id}): send a new key with a new request")  # fmt: skip
+    return job
 
 
 def fitted(body: GenerationBody, request: GenerationRequest, model: ModelInfo) -> tuple[GenerationRequest, Notes]:
@@ -29,8 +79,19 @@ def fitted(body: GenerationBody, request: GenerationRequest, model: ModelInfo) -
         raise HTTPException(422, body.in_front_end_terms(err)) from None
 
 
-def queue_job(jobs: JobStore, worker: Worker, payload: JobPayload, job_id: str | None = None) -> Queued:
-    job = jobs.create(payload, job_id=job_id)
+def queue_job(jobs: JobStore, worker: Worker, payload: JobPayload, job_id: str | None = None,
+              submission: Submission | None = None, session: Session | None = None) -> Queued:  # fmt: skip
+    """Store the job and hand it to the worker. With a `submission` (which needs the request's `session`), a
+    retry that lost the race to its twin answers the twin's job."""
+    if submission is None:
+        job = jobs.create(payload, job_id=job_id)
+    else:
+        try:
+            job = jobs.create(submission.stamp(payload), job_id=job_id or submission.job_id())
+        except ValueError:
+            if session is None or (job := earlier_job(session, submission)) is None:
+                raise
+            return Queued(job_id=job.id, status="queued")
     worker.submit(job.id)
     return Queued(job_id=job.id, status="queued")
 
@@ -64,18 +125,24 @@ def require_project(session, project_id: str) -> Project:
 
 @router.post("/generate/image", summary="Queue a text-to-image job (with element or image references)")
 def generate_image(body: GenerateImageRequest, jobs: JobsDep, worker: WorkerDep, media: MediaDep, model: ModelDep,
-                   session: SessionDep) -> Queued:  # fmt: skip
+                   session: SessionDep, idempotency_key: IdempotencyKey = None) -> Queued:  # fmt: skip
+    submission = Submission.of(idempotency_key, "/generate/image", body)
+    if (earlier := earlier_job(session, submission)) is not None:
+        return Queued(job_id=earlier.id, status="queued")
     request, notes = fitted(body, body.to_request(), model)
     require_project(session, body.project_id)
     check_references(media, session, body.project_id, body.reference_images)
     payload = ImageJob(project_id=body.project_id, request=request, references=tuple(body.reference_images),
                        notes=notes)  # fmt: skip
-    return queue_job(jobs, worker, payload)
+    return queue_job(jobs, worker, payload, submission=submission, session=session)
 
 
 @router.post("/generate/advanced", summary="The studio's shot generation: one frame is an image job")
 def generate_advanced(body: AdvancedRequest, jobs: JobsDep, worker: WorkerDep, media: MediaDep, model: ModelDep,
-                      session: SessionDep) -> Queued:  # fmt: skip
+                      session: SessionDep, idempotency_key: IdempotencyKey = None) -> Queued:  # fmt: skip
+    submission = Submission.of(idempotency_key, "/generate/advanced", body)
+    if (earlier := earlier_job(session, submission)) is not None:
+        return Queued(job_id=earlier.id, status="queued")
     require_project(session, body.project_id)
     shot = body.shot_config
     if shot.num_frames != 1:
@@ -84,7 +151,7 @@ def generate_advanced(body: AdvancedRequest, jobs: JobsDep, worker: WorkerDep, m
     check_references(media, session, body.project_id, shot.reference_images)
     payload = ShotJob(project_id=body.project_id, request=request, references=tuple(shot.reference_images),
                       notes=notes)  # fmt: skip
-    return queue_job(jobs, worker, payload)
+    return queue_job(jobs, worker, payload, submission=submission, session=session)
 
 
 @router.get("/status/{job_id}", summary="A job's status (the same schema for every job type)")

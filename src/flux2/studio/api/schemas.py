@@ -7,10 +7,12 @@ a route converts the body (`to_request`) and fits it to the served model. The ot
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from flux2.request import PIXELS_PER_TOKEN, PROMPT_MAX_CHARS, TRUE_CFG_DEFAULT, GenerationRequest, request_params
 
+PROJECT_SEED_MAX = 2**63 - 1  # a project's seed is stored in an SQL INTEGER: a signed 64-bit number
+TRIGGER_MAX_CHARS = 100
 REQUEST_FIELD = "x-request-field"  # in a body field's JSON schema: the GenerationRequest field it is
 _REQUEST_DEFAULT: Any = object()
 
@@ -157,7 +159,7 @@ class ProjectCreate(Body):
     resolution_w: int = Field(768, ge=64, le=8192)
     resolution_h: int = Field(512, ge=64, le=8192)
     fps: int = Field(25, ge=1, le=240)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=PROJECT_SEED_MAX)
     script_content: str | None = None
 
 
@@ -166,13 +168,13 @@ class ProjectUpdate(Body):
     resolution_w: int | None = Field(None, ge=64, le=8192)
     resolution_h: int | None = Field(None, ge=64, le=8192)
     fps: int | None = Field(None, ge=1, le=240)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=PROJECT_SEED_MAX)
     script_content: str | None = None
 
 
 class ElementCreate(Body):
     name: str = Field(min_length=1, max_length=200)
-    trigger_word: str = Field(min_length=1, max_length=100)
+    trigger_word: str = Field("", max_length=TRIGGER_MAX_CHARS, validate_default=True)  # "" or none: from the name
     type: Literal["character", "location", "object"] = "character"
     description: str = ""
     image_path: str | None = None
@@ -182,10 +184,15 @@ class ElementCreate(Body):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None  # the front end sends "" for "no picture yet"
 
+    @field_validator("trigger_word")
+    @classmethod
+    def _from_name(cls, value: str, info: ValidationInfo) -> str:
+        return value.strip() or trigger_from_name(info.data.get("name", ""))
+
 
 class ElementUpdate(Body):
     name: str | None = Field(None, min_length=1, max_length=200)
-    trigger_word: str | None = Field(None, min_length=1, max_length=100)
+    trigger_word: str | None = Field(None, max_length=TRIGGER_MAX_CHARS)  # "": made from the name
     type: Literal["character", "location", "object"] | None = None
     description: str | None = None
     image_path: str | None = None  # "" clears the picture
@@ -204,3 +211,57 @@ class VisualizeRequest(GenerationBody):
     def to_request(self, prompt: str) -> GenerationRequest:
         """`prompt`: the override, or the route's picture of the element in words."""
         return GenerationRequest(prompt=prompt, **self.request_values())
+
+
+def trigger_from_name(name: str) -> str:
+    """The trigger word of an element created without one: "@" and its name without spaces ("Old Tom" ->
+    "@OldTom"), the studio app's own rule (its backend's element manager). Too long a result is an error."""
+    trigger = "@" + name.replace(" ", "")
+    if len(trigger) > TRIGGER_MAX_CHARS:
+        raise ValueError(
+            f"trigger_word made from the name is {len(trigger)} characters, over {TRIGGER_MAX_CHARS}: "
+            "give a shorter trigger_word"
+        )
+    return trigger
+
+
+class ProjectSave(Body):
+    """`PUT /projects/{id}`: the front end's auto-save of its whole project. It creates the project with that id
+    if there is none yet. Of the rest (scenes, shots) only the script is kept for now."""
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    resolution_w: int | None = Field(None, ge=64, le=8192)
+    resolution_h: int | None = Field(None, ge=64, le=8192)
+    fps: int | None = Field(None, ge=1, le=240)
+    seed: int | None = Field(None, ge=0, le=PROJECT_SEED_MAX)
+    script_content: str | None = None
+    script: str | None = None  # another name of script_content
+
+    def fields(self) -> dict[str, Any]:
+        """The given fields, under the record's names."""
+        values = self.model_dump(exclude_none=True, exclude={"script"})
+        if self.script_content is None and self.script is not None:
+            values["script_content"] = self.script
+        return values
+
+
+class SegmentForm(Body):
+    """The fields of POST /edit/segment as the masking canvas sends them (multipart, with the picture as the file
+    `image`): `points` and `labels` are JSON strings there, parsed before they get here."""
+
+    points: list[list[float]] = Field(min_length=1)  # [[x, y], ...] in the picture's pixels
+    labels: list[int] | None = None  # 1 foreground, 0 background, one per point; default all 1
+
+    @field_validator("points")
+    @classmethod
+    def _pairs(cls, points: list[list[float]]) -> list[list[float]]:
+        if any(len(p) != 2 for p in points):
+            raise ValueError("points must be [x, y] pairs")
+        return points
+
+
+class DetectForm(Body):
+    """The fields of POST /edit/detect as the masking canvas sends them (multipart, with the file `image`)."""
+
+    text: str = Field(min_length=1, max_length=500)
+    confidence: float = Field(0.5, ge=0, le=1)
