@@ -54,9 +54,13 @@ def test_upsampled_prompt_is_what_the_model_sees(tiny):
     with running_chat_server() as chat:
         chat.replies = [Reply(body=completion(UPSAMPLED))]
         upsampler = OpenRouterUpsampler(base_url=chat.base_url, api_key="test-key", timeout=5.0, backoff=0.01)
-        [upsampled] = pipeline(tiny, upsampler=upsampler).generate("a lighthouse", seed=5, width=32, height=32)
+        events = []
+        [upsampled] = pipeline(tiny, upsampler=upsampler).generate("a lighthouse", seed=5, width=32, height=32,
+                                                                   callback=events.append)  # fmt: skip
     [direct] = tiny.generate(UPSAMPLED, seed=5, width=32, height=32)
     assert upsampled.image.tobytes() == direct.image.tobytes()
+    [done] = [e for e in events if e.stage == "upsample" and e.step == 1]  # says the prompt as soon as it is known
+    assert done.upsampled_prompt == UPSAMPLED and done.detail == ""
 
 
 def test_failed_upsampling_generates_with_the_original_prompt(tiny):
@@ -65,8 +69,12 @@ def test_failed_upsampling_generates_with_the_original_prompt(tiny):
         upsampler = OpenRouterUpsampler(
             base_url=chat.base_url, api_key="test-key", timeout=5.0, backoff=0.01, max_retries=1
         )
-        [out] = pipeline(tiny, upsampler=upsampler).generate("a lighthouse", seed=5, width=32, height=32)
+        events = []
+        [out] = pipeline(tiny, upsampler=upsampler).generate("a lighthouse", seed=5, width=32, height=32,
+                                                             callback=events.append)  # fmt: skip
     assert out.record.upsampled_prompt is None and "503" in out.record.upsampling_error
+    [done] = [e for e in events if e.stage == "upsample" and e.step == 1]
+    assert done.upsampled_prompt is None and done.detail == out.record.upsampling_error
     [direct] = tiny.generate("a lighthouse", seed=5, width=32, height=32)
     assert out.image.tobytes() == direct.image.tobytes()
 

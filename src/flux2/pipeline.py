@@ -68,7 +68,9 @@ class Progress:
     stage: str  # "load" | "upsample" | "encode_text" | "encode_references" | "denoise" | "decode"
     step: int  # steps done in this stage
     total: int
-    detail: str = ""  # what the step is about, e.g. the component being loaded
+    detail: str = ""  # what the step is about, e.g. the component being loaded; why upsampling fell back
+    # On the "upsample" 1/1 event: the prompt the model will see, when upsampling rewrote it (None: as given).
+    upsampled_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -528,7 +530,7 @@ class Flux2Pipeline:
         except Exception as err:  # any upsampler, ours or not, must never fail a generation
             log.warning("prompt upsampling failed, generating with the original prompt: %s", err)
             result = UpsampleResult.fallback(prompt, f"{type(err).__name__}: {err}")
-        report(Progress("upsample", 1, 1))
+        report(Progress("upsample", 1, 1, detail=result.error or "", upsampled_prompt=result.upsampled))
         return replace(plan, upsampled=result)
 
     def _finish(self, image: Image.Image, plan: _Plan, seed: int) -> GeneratedImage:

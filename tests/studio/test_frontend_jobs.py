@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from sam_server import running_segmenter
 from studio_server import (
     create_project,
     image_bytes,
@@ -22,12 +21,6 @@ from studio_server import (
     wait_status,
     wait_terminal,
 )
-
-
-@pytest.fixture(scope="module")
-def sam():
-    with running_segmenter() as segmenter:
-        yield segmenter
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def test_project_answers_carry_epoch_seconds_and_the_database_keeps_aware_dateti
     assert is_seconds(project["created_at"]) and is_seconds(project["updated_at"]), project
     listed = [p for p in client.get("/projects").json() if p["id"] == project["id"]]
     assert listed == [project]
-    assert client.get(f"/projects/{project['id']}").json() == project
+    assert client.get(f"/projects/{project['id']}").json() == {**project, "scenes": [], "shots": []}
     time.sleep(0.01)
     renamed = client.patch(f"/projects/{project['id']}", json={"name": "Clock 2"}).json()
     assert renamed["name"] == "Clock 2" and is_seconds(renamed["updated_at"])

@@ -7,7 +7,7 @@ import pytest
 
 from flux2.registry import model_info
 from flux2.request import GenerationRequest
-from flux2.studio.payloads import PAYLOADS, ImageJob, InpaintJob, ShotJob, VisualizeJob, read_payload
+from flux2.studio.payloads import PAYLOADS, ImageJob, InpaintJob, ShotJob, ThumbnailJob, VisualizeJob, read_payload
 from flux2.studio.records import Job
 from flux2.studio.tasks import HANDLERS, JOB_TYPES
 
@@ -22,6 +22,7 @@ PAYLOAD_EXAMPLES = [
     ImageJob(project_id="p1", request=resolved(seed=7), references=("el1", "/projects/p1/uploads/a.png"),
              notes=("tiny has no guidance: guidance_scale not used",)),
     ShotJob(project_id="p1", request=resolved(width=64, height=64)),
+    ThumbnailJob(project_id="p1", shot_id="shot-1", request=resolved(width=64, height=64)),
     InpaintJob(project_id="p1", request=resolved(mode="inpaint", image="/projects/p1/a.png", mask="/projects/p1/m.png",
                                                  strength=0.6)),
     VisualizeJob(project_id="p1", element_id="el1", request=resolved()),
@@ -54,4 +55,4 @@ def test_what_is_not_a_payload_of_this_version_is_refused_naming_the_job():
 
 def test_every_payload_type_has_a_handler_and_a_job_type():
     assert set(HANDLERS) == set(PAYLOADS.values())
-    assert set(JOB_TYPES) == set(PAYLOADS) == {"image", "advanced", "inpaint", "visualize"}
+    assert set(JOB_TYPES) == set(PAYLOADS) == {"image", "advanced", "thumbnail", "inpaint", "visualize"}

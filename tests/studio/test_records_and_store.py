@@ -32,7 +32,8 @@ from flux2.studio.payloads import ImageJob, InpaintJob, read_payload
 from flux2.studio.records import TERMINAL, Asset, Element, Job, JobStatus, Project
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
-TABLES = {"project", "element", "asset", "job"}
+NEXT = f"{int(HEAD) + 1:04d}"  # a test revision after our newest
+TABLES = {"project", "scene", "shot", "element", "asset", "job"}
 TINY = model_info("tiny")
 
 
@@ -181,11 +182,11 @@ def test_a_database_at_0001_is_upgraded_in_place(url):
 
 
 def _migrations_with(tmp_path: Path, body: str) -> Path:
-    """A copy of our migrations plus a revision 0002 whose upgrade() is `body`."""
+    """A copy of our migrations plus a revision `NEXT` after the head, whose upgrade() is `body`."""
     location = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, location, ignore=shutil.ignore_patterns("__pycache__"))
-    revision = f'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "0002"\ndown_revision = "{HEAD}"\n\n'
-    (location / "versions" / "0002_test.py").write_text(revision + "\ndef upgrade():\n" + body)
+    revision = f'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "{NEXT}"\ndown_revision = "{HEAD}"\n\n'
+    (location / "versions" / f"{NEXT}_test.py").write_text(revision + "\ndef upgrade():\n" + body)
     return location
 
 
@@ -200,7 +201,7 @@ def test_a_batch_rebuild_of_project_keeps_its_elements(tmp_path, engine, store, 
         '        batch.add_column(sa.Column("note", sa.String(), nullable=True))\n'
     )
     upgrade(engine, script_location=_migrations_with(tmp_path, body))
-    assert revision_of(engine) == "0002"
+    assert revision_of(engine) == NEXT
     assert "note" in {column["name"] for column in inspect(engine).get_columns("project")}
     with session_scope(engine) as session:
         assert session.get(Element, "e1") is not None
@@ -212,9 +213,9 @@ def test_a_batch_rebuild_of_project_keeps_its_elements(tmp_path, engine, store, 
 def test_a_failing_revision_leaves_the_database_as_it_was(tmp_path, engine):
     body = (
         '    op.add_column("job", sa.Column("extra", sa.String(), nullable=True))\n'
-        '    raise RuntimeError("revision 0002 broke")\n'
+        '    raise RuntimeError("the test revision broke")\n'
     )
-    with pytest.raises(RuntimeError, match="0002 broke"):
+    with pytest.raises(RuntimeError, match="test revision broke"):
         upgrade(engine, script_location=_migrations_with(tmp_path, body))
     assert revision_of(engine) == HEAD
     assert "extra" not in {column["name"] for column in inspect(engine).get_columns("job")}

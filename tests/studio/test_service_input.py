@@ -26,12 +26,6 @@ MAX_UPLOAD = 50_000
 
 
 @pytest.fixture(scope="module")
-def sam():
-    with running_segmenter() as segmenter:
-        yield segmenter
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory, sam, one_thread):
     data = tmp_path_factory.mktemp("studio-input")
     settings = studio_settings(data, segmentation_url=sam.url, segmentation_timeout_s=10, max_upload_bytes=MAX_UPLOAD)

@@ -1,12 +1,14 @@
 """`flux2 serve`: the studio service (HTTP API, jobs with SSE, projects and assets) on this machine."""
 
 import argparse
+import sys
 from pathlib import Path
 
 SERVE_EXAMPLES = """examples:
   flux2 serve                                        http://127.0.0.1:8000, data in ./studio-data
   flux2 serve --model tiny --port 8010               offline self-test (noise images)
   flux2 serve --host 0.0.0.0 --api-token SECRET --cors http://localhost:5173
+  flux2 serve --upsample openrouter                  enhance_prompt through OpenRouter ($OPENROUTER_API_KEY)
 Every option can also come from a FLUX2_STUDIO_<NAME> variable (e.g. FLUX2_STUDIO_DATABASE_URL for PostgreSQL).
 The API is described at /docs once it runs.
 """
@@ -28,6 +30,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "http://localhost:5173, http://127.0.0.1:5173 and http://localhost:3000)")  # fmt: skip
     p.add_argument("--api-token", help="require Authorization: Bearer TOKEN on every request")
     p.add_argument("--segmentation-url", help="the segmentation (SAM) service (default: http://127.0.0.1:8001)")
+    p.add_argument(
+        "--upsample",
+        choices=["none", "local", "openrouter"],
+        help="how requests with enhance_prompt rewrite their prompt (default: none, enhancement off)",
+    )
+    p.add_argument("--upsample-model", help="local: model folder or Hub id; openrouter: the API's model name")
+    p.add_argument("--upsample-url", help="openrouter: an OpenAI-compatible base URL (key: $OPENROUTER_API_KEY)")
     p.set_defaults(handler=run)
 
 
@@ -41,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
         missing = f"the studio service needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
     names = ("host", "port", "data_dir", "database_url", "model", "device", "cors_origins", "api_token",
-             "segmentation_url")  # fmt: skip
+             "segmentation_url", "upsample", "upsample_model", "upsample_url")  # fmt: skip
     settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     from flux2.registry import model_info
 
     model_info(settings.model)  # an unknown model fails now, not at the first job
+    if settings.upsample == "none" and (settings.upsample_model or settings.upsample_url):
+        print("warning: --upsample-model and --upsample-url have no effect without --upsample", file=sys.stderr)
     print(f"flux2 studio on http://{settings.host}:{settings.port} (data: {settings.data_dir.resolve()})")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
     return 0

@@ -6,7 +6,7 @@ Built where it is used (the CLI, the app factory, a test), never at import time.
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,6 +39,12 @@ class StudioSettings(BaseSettings):
     max_upload_bytes: int = Field(25 * MiB, gt=0)
     sse_queue_size: int = Field(100, ge=1)  # events kept per client; the oldest is dropped when full
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # Prompt enhancement (a request's `enhance_prompt`), as `flux2 generate --upsample`: "none" turns it off;
+    # "local" runs a chat model here (default: [dev]'s own Mistral encoder, else Mistral-Small 3.2); "openrouter"
+    # asks an OpenAI-compatible API, with the key from $OPENROUTER_API_KEY (never a setting: it would be logged).
+    upsample: Literal["none", "local", "openrouter"] = "none"
+    upsample_model: str | None = None  # local: a model folder or Hub id; openrouter: the API's model name
+    upsample_url: str | None = Field(None, pattern=r"^https?://")  # openrouter: the API's base URL
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -50,7 +56,7 @@ class StudioSettings(BaseSettings):
             return [origin.strip() for origin in text.split(",") if origin.strip()]
         return value
 
-    @field_validator("database_url", "api_token", "device", mode="before")
+    @field_validator("database_url", "api_token", "device", "upsample_model", "upsample_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer, model_serializer
 
-from flux2.studio.payloads import InpaintJob
+from flux2.studio.payloads import InpaintJob, ThumbnailJob
 from flux2.studio.records import Job, JobStatus, utcnow
 
 EVENT_NAMES = ("progress", "complete", "error", "cancelled")
@@ -31,6 +31,9 @@ class JobState(BaseModel):
     * its SSE `complete` makes `url` the shot's video and `actual_frames` its frame count, so an inpaint job (an
       edited frame of a shot) sends no `url` at all (the key is left out: a reader that tests presence must not
       find it), `thumbnail_url` = the full inpainted image, and no `actual_frames`;
+    * a storyboard thumbnail job's `complete` carries `shot_id`; its `url` and `thumbnail_url` are both the
+      picture, which becomes that shot's thumbnail (serverSlice.ts reads `url` for a `thumbnail` event), and it
+      has no `actual_frames` and no `video_url` (either would change the shot's frame count or video);
     * every other job's output is one image: `url` is it, `thumbnail_url` its quarter-size thumbnail,
       `actual_frames` 1 once it is done;
     * /status after a page reload (utils/jobPoller.ts) reads `video_url` = the output (also for images and
@@ -51,6 +54,7 @@ class JobState(BaseModel):
     seed: int | None
     output_url: str | None
     url: str | None = None  # left out of the JSON for inpaint jobs (see above)
+    shot_id: str | None = None  # the shot of a thumbnail job
     video_url: str | None = None
     thumbnail_url: str | None
     actual_frames: int | None = None
@@ -63,14 +67,16 @@ class JobState(BaseModel):
     @classmethod
     def of(cls, job: Job) -> "JobState":
         inpaint = job.type == InpaintJob.job_type
+        thumbnail = job.type == ThumbnailJob.job_type
         done = job.status == JobStatus.COMPLETED and job.output_url is not None
         return cls(
             job_id=job.id, type=job.type, project_id=job.project_id, status=job.status, progress=job.progress,
             status_message=job.status_message, message=job.status_message, error_message=job.error_message,
             error=job.error_message, asset_id=job.asset_id, seed=job.seed, output_url=job.output_url,
-            url=None if inpaint else job.output_url, video_url=job.output_url,
-            thumbnail_url=job.output_url if inpaint else job.thumbnail_url,
-            actual_frames=1 if done and not inpaint else None, eta_seconds=eta_seconds(job),
+            url=None if inpaint else job.output_url, video_url=None if thumbnail else job.output_url,
+            shot_id=job.params.get("shot_id") if thumbnail else None,
+            thumbnail_url=job.output_url if inpaint or thumbnail else job.thumbnail_url,
+            actual_frames=1 if done and not (inpaint or thumbnail) else None, eta_seconds=eta_seconds(job),
             enhanced_prompt=job.enhanced_prompt, created_at=job.created_at, started_at=job.started_at,
             finished_at=job.finished_at,
         )  # fmt: skip

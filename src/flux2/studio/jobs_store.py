@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from flux2.studio.payloads import JobPayload
-from flux2.studio.records import ACTIVE, Asset, Element, Job, JobStatus, new_job_id, utcnow
+from flux2.studio.records import ACTIVE, Asset, Element, Job, JobStatus, Shot, new_job_id, utcnow
 from flux2.studio.storage import check_safe_id
 
 # The answers of `JobStore.cancel`, as the cancel route returns them (spec §1.8).
@@ -79,11 +79,13 @@ class JobStore:
             status_message="Starting",
         )
 
-    def progress(self, job_id: str, progress: int, message: str) -> bool:
-        """Progress (0-100) and a status line, while the job is processing."""
+    def progress(self, job_id: str, progress: int, message: str, enhanced_prompt: str | None = None) -> bool:
+        """Progress (0-100) and a status line, while the job is processing; with `enhanced_prompt`, the upsampled
+        prompt as soon as it is known."""
         if isinstance(progress, bool) or not isinstance(progress, int) or not 0 <= progress <= 100:
             raise ValueError(f"progress must be an integer in [0, 100], got {progress!r}")
-        return self._set(job_id, [JobStatus.PROCESSING], progress=progress, status_message=message)
+        extra = {} if enhanced_prompt is None else {"enhanced_prompt": enhanced_prompt}
+        return self._set(job_id, [JobStatus.PROCESSING], progress=progress, status_message=message, **extra)
 
     def complete(
         self,
@@ -107,11 +109,12 @@ class JobStore:
         *,
         enhanced_prompt: str | None = None,
         element_id: str | None = None,
+        shot_id: str | None = None,
     ) -> Asset | None:
-        """Insert the job's asset, complete the job and make the asset the picture of `element_id` (if given and
-        still there), together or not at all. Returns the job's asset (the one already recorded for this job, if
-        a crashed run got that far), or None when the job was no longer processing (nothing is written then:
-        the caller removes its files)."""
+        """Insert the job's asset, complete the job and make the asset the picture of `element_id`, or the
+        thumbnail of the asset's project's shot `shot_id` (if given and still there), together or not at all.
+        Returns the job's asset (the one already recorded for this job, if a crashed run got that far), or None
+        when the job was no longer processing (nothing is written then: the caller removes its files)."""
         if asset.job_id != job_id:
             raise ValueError(f"asset.job_id must be the job's id {job_id!r}, got {asset.job_id!r}")
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
@@ -128,6 +131,9 @@ class JobStore:
                 session.add(asset)
             if element_id is not None:
                 session.execute(update(Element).where(col(Element.id) == element_id).values(image_path=asset.url))
+            if shot_id is not None:
+                shot = (col(Shot.project_id) == asset.project_id, col(Shot.id) == shot_id)
+                session.execute(update(Shot).where(*shot).values(thumbnail_url=asset.url))
         return asset
 
     def fail(self, job_id: str, message: str) -> bool:

@@ -61,6 +61,16 @@ class ShotJob(ImageJob):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ThumbnailJob(ImageJob):
+    """A storyboard picture of a shot, made from the shot's prompt and size: it becomes the shot's
+    thumbnail_url. The shot is named by its project and its id (ids are unique within a project)."""
+
+    job_type: ClassVar[str] = "thumbnail"
+
+    shot_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class InpaintJob(Payload):
     """Inpainting: the request's `image` and `mask` are media URLs, resolved to files when it runs."""
 
@@ -76,8 +86,10 @@ class VisualizeJob(Payload):
     element_id: str
 
 
-JobPayload = ImageJob | ShotJob | InpaintJob | VisualizeJob
-PAYLOADS: dict[str, type[JobPayload]] = {kind.job_type: kind for kind in (ImageJob, ShotJob, InpaintJob, VisualizeJob)}
+JobPayload = ImageJob | ShotJob | ThumbnailJob | InpaintJob | VisualizeJob
+PAYLOADS: dict[str, type[JobPayload]] = {
+    kind.job_type: kind for kind in (ImageJob, ShotJob, ThumbnailJob, InpaintJob, VisualizeJob)
+}
 
 
 def read_payload(job: Job) -> JobPayload:

@@ -1,4 +1,4 @@
-"""The studio's database records (SQLModel tables): Project, Element, Asset, Job.
+"""The studio's database records (SQLModel tables): Project, Scene, Shot, Element, Asset, Job.
 
 The fields keep the studio contract (spec §1.7) and add what it lacked: `Job.asset_id`, `Job.seed`, `Job.params`
 (the job's typed payload, as JSON), queued/started/finished times, and the attempt count and cancel flag that
@@ -76,6 +76,72 @@ class Project(SQLModel, table=True):
     fps: int = 25
     seed: int = 42
     script_content: str | None = None
+
+
+class Scene(SQLModel, table=True):
+    """A scene of a project's storyboard. Its id is the client's (a safe id string), unique within the project."""
+
+    __table_args__ = (
+        ForeignKeyConstraint(["project_id"], ["project.id"], name="fk_scene_project_id", ondelete="CASCADE"),
+    )
+
+    project_id: str = Field(primary_key=True)
+    id: str = Field(primary_key=True)
+    index: int = 0  # the scene's place in the script
+    name: str = ""
+    script_content: str | None = None  # the part of the script it covers
+
+    project: Project | None = Relationship()  # as Element.project
+
+
+class Shot(SQLModel, table=True):
+    """A shot of a project, as the studio front end saves it (whole, with `PUT /projects/{id}`). Its id is the
+    client's, unique within the project; `position` keeps the order of the project's flat list of shots, `index`
+    the order within its scene. Fields the front end sends that have no column here are kept in `extra`, so a
+    save and a load give back what was sent."""
+
+    __table_args__ = (
+        ForeignKeyConstraint(["project_id"], ["project.id"], name="fk_shot_project_id", ondelete="CASCADE"),
+        # Both columns: a shot's scene is one of its own project's scenes.
+        ForeignKeyConstraint(
+            ["project_id", "scene_id"], ["scene.project_id", "scene.id"], name="fk_shot_scene", ondelete="CASCADE"
+        ),  # fmt: skip
+    )
+
+    project_id: str = Field(primary_key=True)
+    id: str = Field(primary_key=True)
+    position: int = 0
+    scene_id: str | None = None
+    index: int | None = None
+    prompt: str = ""
+    negative_prompt: str | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    cfg_scale: float | None = None
+    enhance_prompt: bool | None = None
+    upscale: bool | None = None
+    pipeline_override: str | None = None
+    auto_continue: bool | None = None
+    track_index: int | None = None
+    start_frame: int | None = None
+    trim_in: int | None = None
+    trim_out: int | None = None
+    action: str | None = None
+    dialogue: str | None = None
+    character: str | None = None
+    shot_type: str | None = None
+    timeline: list[Any] = Field(default_factory=list, sa_type=JSON)  # conditioning items [{type, path, ...}]
+    matched_elements: Any = Field(default=None, sa_type=JSON, nullable=True)  # as the client sent it
+    last_job_id: str | None = None
+    thumbnail_url: str | None = None  # its storyboard picture: a thumbnail job writes it
+    video_url: str | None = None
+    enhanced_prompt_result: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # the client's other fields
+
+    project: Project | None = Relationship()  # as Element.project
 
 
 class Element(SQLModel, table=True):

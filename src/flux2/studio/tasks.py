@@ -1,5 +1,5 @@
-"""The model work behind each job type: image generation (also a single-frame shot), inpainting and element
-pictures; `HANDLERS` maps each payload type to its handler.
+"""The model work behind each job type: image generation (also a single-frame shot and a shot's storyboard
+thumbnail), inpainting and element pictures; `HANDLERS` maps each payload type to its handler.
 
 Tasks run in the worker's thread, one at a time. Each runs the request its job was queued with (references,
 sources and masks resolved to files now), writes its files in the job's workspace, moves them into place under
@@ -13,30 +13,40 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from flux2.request import GenerationRequest
 from flux2.studio.config import StudioSettings
-from flux2.studio.payloads import ImageJob, InpaintJob, JobPayload, ShotJob, VisualizeJob
-from flux2.studio.records import Asset, Element
+from flux2.studio.payloads import ImageJob, InpaintJob, JobPayload, ShotJob, ThumbnailJob, VisualizeJob
+from flux2.studio.records import Asset, Element, Shot
 from flux2.studio.storage import MediaStore
-from flux2.studio.worker import JobCancelled, TaskContext, TaskResult
+from flux2.studio.worker import JobCancelled, Reporter, TaskContext, TaskResult
+
+if TYPE_CHECKING:
+    from flux2.pipeline import Progress  # torch: loaded with the pipeline, in the worker
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_FACTOR = 4  # thumbnails are a quarter of the image's size
 PROGRESS_SPAN = {"load": (0, 5), "upsample": (5, 8), "encode_text": (8, 10), "encode_references": (10, 12),
                  "denoise": (12, 95), "decode": (95, 99)}  # fmt: skip
+ENHANCEMENT_OFF = ("prompt enhancement is off: the service has no prompt upsampler (flux2 serve --upsample, or "
+                   "FLUX2_STUDIO_UPSAMPLE); the prompt is used as given")  # fmt: skip
 
 
 class PipelineHolder:
-    """The service's one pipeline: given, or loaded on first use in the worker's thread and then kept."""
+    """The service's one pipeline: given, or loaded on first use in the worker's thread and then kept; with it,
+    made once, the prompt upsampler the settings ask for (the settings decide: a given pipeline's own upsampler
+    is replaced). An upsampler that cannot be made is logged, and enhancement stays off: the jobs still run."""
 
     def __init__(self, settings: StudioSettings, pipeline=None):
         self.settings, self._pipeline = settings, pipeline
         self._lock = threading.Lock()
+        self._upsampler_set = False
+        self.enhancement_off: str | None = None  # why enhance_prompt is not used (known after the first `get`)
 
     def get(self, report: Callable[[int, str], None]):
         with self._lock:
@@ -45,7 +55,39 @@ class PipelineHolder:
 
                 report(1, f"Loading {self.settings.model}")
                 self._pipeline = Flux2Pipeline(self.settings.model, device=self.settings.device)
+            if not self._upsampler_set:
+                self._pipeline.upsampler = self._make_upsampler(self._pipeline)
+                self._upsampler_set = True
             return self._pipeline
+
+    def enhancement_notes(self, request: GenerationRequest) -> tuple[str, ...]:
+        """A note for the job's status when its request asks for enhancement that is off."""
+        return (self.enhancement_off,) if request.upsample and self.enhancement_off else ()
+
+    def _make_upsampler(self, pipe):
+        from flux2.upsampling import make_upsampler
+
+        mode = self.settings.upsample
+        if mode == "none":
+            self.enhancement_off = ENHANCEMENT_OFF
+            return None
+        try:
+            return make_upsampler(mode, **self._upsampler_options(pipe))
+        except Exception as err:  # a missing model or package must not stop the service or fail a job
+            log.error("prompt upsampling (%s) could not be set up, enhancement stays off: %s", mode, err)
+            self.enhancement_off = f"prompt enhancement is off: the {mode} upsampler could not be set up ({err})"
+            return None
+
+    def _upsampler_options(self, pipe) -> dict:
+        """As `flux2 generate --upsample`: on [dev] the loaded Mistral encoder does local upsampling."""
+        from flux2.text_encoder import Mistral3SmallEmbedder
+
+        mode, model, url = self.settings.upsample, self.settings.upsample_model, self.settings.upsample_url
+        encoder = pipe.text_encoder
+        if mode == "local" and model is None and isinstance(encoder, Mistral3SmallEmbedder):
+            return {"model": encoder.model, "processor": encoder.processor, "device": pipe.device}
+        options = {"model": model} if model else {}
+        return options | {"base_url": url} if mode == "openrouter" and url else options
 
 
 @dataclass
@@ -81,6 +123,12 @@ class Tasks:
         result = self._result(job_id, job.project_id, out, meta, "image")
         return replace(result, message=f"Image ready; {notes}") if notes else result
 
+    def thumbnail(self, job_id: str, job: ThumbnailJob, ctx: TaskContext) -> TaskResult:
+        """An image job whose picture becomes the shot's thumbnail_url when the job completes."""
+        self._check_shot(job.project_id, job.shot_id)
+        result = self.image(job_id, job, ctx)
+        return replace(result, event_type="thumbnail", shot_id=job.shot_id)
+
     def inpaint(self, job_id: str, job: InpaintJob, ctx: TaskContext) -> TaskResult:
         pipe = self.holder.get(ctx.report)
         image, mask = job.request.image, job.request.mask
@@ -102,7 +150,7 @@ class Tasks:
 
     def _say_notes(self, job: JobPayload, ctx: TaskContext) -> str:
         """What the model does not use of what was sent, in the job's status rather than dropped silently."""
-        notes = "; ".join(job.notes)
+        notes = "; ".join((*job.notes, *self.holder.enhancement_notes(job.request)))
         if notes:
             ctx.report(1, notes)
         return notes
@@ -166,6 +214,11 @@ class Tasks:
             raise ValueError(f"element {element.name!r} ({element.id}) has no image yet: visualize or upload one")
         return self.media.resolve(element.image_path, "element image")
 
+    def _check_shot(self, project_id: str, shot_id: str) -> None:
+        with Session(self.engine) as session:
+            if session.get(Shot, (project_id, shot_id)) is None:
+                raise ValueError(f"shot {shot_id} of project {project_id} no longer exists")
+
     def _check_element(self, element_id: str) -> None:
         with Session(self.engine) as session:
             if session.get(Element, element_id) is None:
@@ -176,22 +229,33 @@ Handler = Callable[[Tasks, str, JobPayload, TaskContext], TaskResult]
 HANDLERS: dict[type[JobPayload], Handler] = {
     ImageJob: Tasks.image,
     ShotJob: Tasks.image,
+    ThumbnailJob: Tasks.thumbnail,
     InpaintJob: Tasks.inpaint,
     VisualizeJob: Tasks.visualize,
 }
 JOB_TYPES = tuple(payload.job_type for payload in HANDLERS)
 
 
-def progress_reporter(report: Callable[[int, str], None]):
-    """Pipeline progress events as a percentage of the whole job, with a readable message."""
+def progress_reporter(report: Reporter):
+    """Pipeline progress events as a percentage of the whole job, with a readable message; the upsampled prompt
+    goes with the event that brings it."""
 
-    def on_progress(event) -> None:
+    def on_progress(event: "Progress") -> None:
         low, high = PROGRESS_SPAN.get(event.stage, (0, 99))
         share = event.step / event.total if event.total else 1.0
-        message = f"Step {event.step}/{event.total}" if event.stage == "denoise" else event.stage.replace("_", " ")
-        report(int(low + (high - low) * share), message)
+        report(int(low + (high - low) * share), progress_message(event), enhanced_prompt=event.upsampled_prompt)
 
     return on_progress
+
+
+def progress_message(event: "Progress") -> str:
+    if event.stage == "denoise":
+        return f"Step {event.step}/{event.total}"
+    if event.stage == "upsample" and event.step == event.total:
+        if event.upsampled_prompt is not None:
+            return "Prompt enhanced"
+        return f"Prompt enhancement failed, the prompt is used as given: {event.detail or 'no reason given'}"
+    return "enhancing prompt" if event.stage == "upsample" else event.stage.replace("_", " ")
 
 
 def mentions(prompt: str, trigger_word: str) -> bool:

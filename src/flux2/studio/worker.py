@@ -28,12 +28,19 @@ class JobCancelled(Exception):
     """Raised inside a task once its job is cancelled (tasks turn the pipeline's own cancellation into this)."""
 
 
+class Reporter(Protocol):
+    def __call__(self, percent: int, message: str, *, enhanced_prompt: str | None = None) -> None:
+        """Progress (0-100) and a status line, with the upsampled prompt once known; raises JobCancelled once the
+        job is cancelled."""
+        ...
+
+
 @dataclass(frozen=True)
 class TaskContext:
     """What a task gets besides its job: a cancel event for the pipeline and a progress reporter."""
 
     cancel: threading.Event
-    report: Callable[[int, str], None]  # (percent 0-100, message); raises JobCancelled once cancelled
+    report: Reporter
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,11 @@ class TaskResult:
     completing the job records besides. The worker removes the asset's files if the job cannot complete."""
 
     asset: Asset  # not yet stored
-    event_type: str  # the `type` of the `complete` event: "image", "inpaint" or "visualize"
+    event_type: str  # the `type` of the `complete` event: "image", "thumbnail", "inpaint" or "visualize"
     message: str = "Image ready"
     enhanced_prompt: str | None = None  # the upsampled prompt the model was given
     element_id: str | None = None  # an element whose picture becomes the asset
+    shot_id: str | None = None  # a shot of the asset's project whose thumbnail becomes the asset
 
 
 TaskRunner = Callable[[str, JobPayload, TaskContext], TaskResult]  # (job id, payload, context)
@@ -162,7 +170,8 @@ class LocalWorker:
         if cancel.is_set() or self.store.is_cancel_requested(job_id):  # cancelled during the last steps
             self._discard(result.asset)
             raise JobCancelled(job_id)
-        recorded = {"enhanced_prompt": result.enhanced_prompt, "element_id": result.element_id}
+        recorded = {"enhanced_prompt": result.enhanced_prompt, "element_id": result.element_id,
+                    "shot_id": result.shot_id}  # fmt: skip
         done = self.store.complete_with_asset(job_id, result.asset, result.message, **recorded)
         if done is None:  # ended meanwhile by someone else: no asset is left behind
             self._discard(result.asset)
@@ -174,11 +183,11 @@ class LocalWorker:
             if url:
                 self.media.delete(url)
 
-    def _reporter(self, job_id: str, cancel: threading.Event) -> Callable[[int, str], None]:
-        def report(percent: int, message: str) -> None:
+    def _reporter(self, job_id: str, cancel: threading.Event) -> Reporter:
+        def report(percent: int, message: str, *, enhanced_prompt: str | None = None) -> None:
             if cancel.is_set():
                 raise JobCancelled(job_id)
-            if self.store.progress(job_id, percent, message):
+            if self.store.progress(job_id, percent, message, enhanced_prompt):
                 self._publish("progress", job_id)
 
         return report

@@ -12,11 +12,11 @@ from sqlmodel import Session, col, select
 from flux2.registry import ModelInfo
 from flux2.request import GenerationRequest
 from flux2.studio.api.deps import JobsDep, MediaDep, ModelDep, SessionDep, WorkerDep
-from flux2.studio.api.responses import CancelAnswer, GpuStatus, JobState, Queued
+from flux2.studio.api.responses import CancelAnswer, GpuStatus, JobState, LastFrame, Queued
 from flux2.studio.api.schemas import AdvancedRequest, GenerateImageRequest, GenerationBody
 from flux2.studio.jobs_store import JobStore
 from flux2.studio.payloads import ImageJob, JobPayload, ShotJob
-from flux2.studio.records import Asset, Element, Job, Project
+from flux2.studio.records import Asset, Element, Job, JobStatus, Project
 from flux2.studio.storage import MediaStore
 from flux2.studio.worker import Worker
 
@@ -160,6 +160,21 @@ def status(job_id: str, jobs: JobsDep) -> JobState:
     if job is None:
         raise HTTPException(404, f"job_id {job_id!r}: no such job")
     return JobState.of(job)
+
+
+@router.get("/shot/{job_id}/last-frame", summary="The last frame of a job's output (an image is its own)")
+@router.post("/shot/{job_id}/last-frame", summary="The same; the front end's Extend asks with POST")
+def last_frame(job_id: str, jobs: JobsDep, media: MediaDep) -> LastFrame:
+    """Every output of this service is one image, which is its own last frame: its URL, for the front end to
+    condition the next shot on. 404 for an unknown job, one without an output yet, or one whose image is gone."""
+    job = jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"job_id {job_id!r}: no such job")
+    if job.status != JobStatus.COMPLETED or not job.output_url:
+        raise HTTPException(404, f"job_id {job_id!r} has no output ({job.status})")
+    if not media.resolve(job.output_url, "output").is_file():
+        raise HTTPException(404, f"job_id {job_id!r}: its output {job.output_url} was deleted")
+    return LastFrame(job_id=job_id, url=job.output_url, path=job.output_url)
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a queued job, or stop a running one at its next step")

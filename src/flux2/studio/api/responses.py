@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
+from flux2.studio.api.schemas import SceneSave, ShotSave
+
 # Answered by the job routes; defined with the events, whose data it also is.
 from flux2.studio.events import JobState as JobState
 
@@ -104,6 +106,43 @@ class ProjectOut(BaseModel):
     fps: int
     seed: int
     script_content: str | None
+
+
+class ShotOut(ShotSave):
+    """A stored shot: what was saved (the fields it has no column for included), and its project."""
+
+    project_id: str
+
+
+class ProjectDetail(ProjectOut):
+    """One project with its storyboard, as the front end loads it (projectSlice.ts loadProject): scenes in their
+    order, shots in the order they were saved."""
+
+    scenes: list[SceneSave]
+    shots: list[ShotOut]
+
+
+class ThumbnailQueued(BaseModel):
+    shot_id: str
+    status: Literal["queued", "skipped"]
+    job_id: str | None = None  # queued: its image job
+    detail: str | None = None  # skipped: why
+
+
+class ThumbnailsQueued(BaseModel):
+    """What shotSlice.ts reads: `results`, counting the `queued` ones."""
+
+    status: Literal["success"]
+    results: list[ThumbnailQueued]
+
+
+class LastFrame(BaseModel):
+    """The last frame of a job's output, for the front end's "Extend" (InspectorPanel.tsx reads `url`): an
+    image output is its own last frame."""
+
+    job_id: str
+    url: str  # a media URL
+    path: str  # the same URL: never a server path
 
 
 class GalleryImage(BaseModel):

@@ -47,6 +47,11 @@ class GenerationBody(Body):
         return {name: info.json_schema_extra[REQUEST_FIELD] for name, info in cls.model_fields.items()
                 if isinstance(info.json_schema_extra, dict) and REQUEST_FIELD in info.json_schema_extra}  # fmt: skip
 
+    @field_validator("enhance_prompt", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_off(cls, value: object) -> object:
+        return False if value is None else value  # the front end sends a shot's unset switch as null
+
     @classmethod
     def in_front_end_terms(cls, err: ValueError) -> str:
         """The request's error message, naming this body's field ("num_steps must be..." -> "num_inference_steps
@@ -77,6 +82,9 @@ class GenerateImageRequest(GenerationBody):
     reference_images: list[str] = Field(default_factory=list, max_length=10)  # element ids, asset ids, media paths
     enable_ae: bool = True  # accepted for compatibility: FLUX.2's own autoencoder is always used
     enable_true_cfg: bool = False
+    # Prompt enhancement by the service's upsampler (flux2 serve --upsample), only when asked; the image view
+    # does not send it, the shot inspector does (ShotConfig).
+    enhance_prompt: bool = request_field("upsample", False)
 
     def to_request(self) -> GenerationRequest:
         """References are resolved to files when the job runs; the request holds none yet."""
@@ -94,6 +102,7 @@ class ShotConfig(GenerationBody):
     cfg_scale: float | None = request_field("guidance")
     seed: int | None = request_field("seed")
     reference_images: list[str] = Field(default_factory=list, max_length=10)
+    enhance_prompt: bool = request_field("upsample", False)  # the shot's "enhance prompt" switch
 
     @field_validator("width", "height")
     @classmethod
@@ -122,6 +131,7 @@ class InpaintRequest(GenerationBody):
     num_inference_steps: int | None = request_field("num_steps")  # base models; the distilled ones run their own
     guidance_scale: float | None = request_field("guidance")
     seed: int | None = request_field("seed")
+    enhance_prompt: bool = request_field("upsample", False)  # not sent by the front end: off
 
     @field_validator("points")
     @classmethod
@@ -133,25 +143,6 @@ class InpaintRequest(GenerationBody):
     def to_request(self, image: str, mask: str) -> GenerationRequest:
         """`image` and `mask` as media URLs: the job resolves them to files when it runs."""
         return GenerationRequest(mode="inpaint", image=image, mask=mask, **self.request_values())
-
-
-class SegmentRequest(Body):
-    image_path: str
-    points: list[list[float]] = Field(min_length=1)
-    labels: list[int] | None = None
-
-    @field_validator("points")
-    @classmethod
-    def _pairs(cls, points: list[list[float]]) -> list[list[float]]:
-        if any(len(p) != 2 for p in points):
-            raise ValueError("points must be [x, y] pairs")
-        return points
-
-
-class TextSegmentRequest(Body):
-    image_path: str
-    text: str = Field(min_length=1, max_length=500)
-    confidence: float = Field(0.5, ge=0, le=1)
 
 
 class ProjectCreate(Body):
@@ -207,6 +198,7 @@ class VisualizeRequest(GenerationBody):
     guidance_scale: float | None = request_field("guidance")
     enable_ae: bool = True
     seed: int | None = request_field("seed")
+    enhance_prompt: bool = request_field("upsample", False)  # not sent by the front end: off
 
     def to_request(self, prompt: str) -> GenerationRequest:
         """`prompt`: the override, or the route's picture of the element in words."""
@@ -225,9 +217,75 @@ def trigger_from_name(name: str) -> str:
     return trigger
 
 
+SQL_INT = {"ge": -(2**63), "le": 2**63 - 1}  # what an SQL INTEGER holds: a signed 64-bit number
+SAVE_MAX_SHOTS = 10_000  # a bound on one save's size, far above a storyboard's
+THUMBNAIL_MAX_SHOTS = 500  # one image job each
+
+
+class SceneSave(Body):
+    """A scene as the front end saves and loads it (projectSlice.ts)."""
+
+    id: str = Field(min_length=1)  # checked as a safe id by the route, which names the scene's place
+    index: int | None = Field(None, **SQL_INT)  # None: its place in the list
+    name: str = ""
+    script_content: str | None = None
+
+
+class ShotSave(Body):
+    """A shot as the front end saves and loads it (projectSlice.ts saveProject / loadProject; snake_case). Fields
+    not named here are kept as they came (`model_extra`) and given back on load."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)  # checked as a safe id by the route, which names the shot's place
+    scene_id: str | None = None  # one of the project's scenes
+    index: int | None = Field(None, **SQL_INT)  # its place within its scene
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, **SQL_INT)
+    width: int | None = Field(None, **SQL_INT)  # None: the project's resolution_w
+    height: int | None = Field(None, **SQL_INT)  # None: the project's resolution_h (the front end omits it)
+    num_frames: int | None = Field(None, **SQL_INT)
+    fps: int | None = Field(None, **SQL_INT)  # None: the project's fps
+    cfg_scale: float | None = None
+    enhance_prompt: bool | None = None
+    upscale: bool | None = None
+    pipeline_override: str | None = None
+    auto_continue: bool | None = None
+    track_index: int | None = Field(None, **SQL_INT)
+    start_frame: int | None = Field(None, **SQL_INT)
+    trim_in: int | None = Field(None, **SQL_INT)
+    trim_out: int | None = Field(None, **SQL_INT)
+    action: str | None = None
+    dialogue: str | None = None
+    character: str | None = None
+    shot_type: str | None = None
+    timeline: list[dict[str, Any]] | None = None  # conditioning items: {type, path, frame_index, strength}
+    matched_elements: Any = None
+    last_job_id: str | None = None
+    thumbnail_url: str | None = None
+    video_url: str | None = None
+    enhanced_prompt_result: str | None = None
+
+    @field_validator("scene_id")
+    @classmethod
+    def _no_scene(cls, value: str | None) -> str | None:
+        return value or None  # "" is no scene
+
+    @field_validator("timeline")
+    @classmethod
+    def _frame_index(cls, items: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """The front end saves an item's frame as `frameIndex` and loads it from `frame_index`: keep both."""
+        if items is None:
+            return None
+        return [{**item, "frame_index": item["frameIndex"]} if "frameIndex" in item and "frame_index" not in item
+                else item for item in items]  # fmt: skip
+
+
 class ProjectSave(Body):
     """`PUT /projects/{id}`: the front end's auto-save of its whole project. It creates the project with that id
-    if there is none yet. Of the rest (scenes, shots) only the script is kept for now."""
+    if there is none yet. `scenes` and `shots`, when sent, replace the project's (a list left out keeps what is
+    stored)."""
 
     name: str | None = Field(None, min_length=1, max_length=200)
     resolution_w: int | None = Field(None, ge=64, le=8192)
@@ -236,13 +294,24 @@ class ProjectSave(Body):
     seed: int | None = Field(None, ge=0, le=PROJECT_SEED_MAX)
     script_content: str | None = None
     script: str | None = None  # another name of script_content
+    scenes: list[SceneSave] | None = Field(None, max_length=SAVE_MAX_SHOTS)
+    shots: list[ShotSave] | None = Field(None, max_length=SAVE_MAX_SHOTS)
 
     def fields(self) -> dict[str, Any]:
-        """The given fields, under the record's names."""
-        values = self.model_dump(exclude_none=True, exclude={"script"})
+        """The given project fields, under the record's names."""
+        values = self.model_dump(exclude_none=True, exclude={"script", "scenes", "shots"})
         if self.script_content is None and self.script is not None:
             values["script_content"] = self.script
         return values
+
+
+class ThumbnailRequest(Body):
+    """`POST /projects/{pid}/storyboard/generate-thumbnails` (shotSlice.ts sends `shot_ids` only)."""
+
+    shot_ids: list[str] = Field(min_length=1, max_length=THUMBNAIL_MAX_SHOTS)
+    force: bool = False  # also shots that have a thumbnail already
+    width: int | None = request_field("width", None)  # None: the shot's width
+    height: int | None = request_field("height", None)  # None: the shot's height
 
 
 class SegmentForm(Body):
@@ -265,3 +334,15 @@ class DetectForm(Body):
 
     text: str = Field(min_length=1, max_length=500)
     confidence: float = Field(0.5, ge=0, le=1)
+
+
+class SegmentRequest(SegmentForm):
+    """POST /edit/segment as JSON: the picture is a stored image."""
+
+    image_path: str
+
+
+class TextSegmentRequest(DetectForm):
+    """POST /edit/segment-text and /edit/detect as JSON: the picture is a stored image."""
+
+    image_path: str
