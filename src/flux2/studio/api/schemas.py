@@ -26,6 +26,12 @@ def request_field(name: str, default: Any = _REQUEST_DEFAULT, **constraints: Any
     return Field(default, json_schema_extra=schema, **constraints)
 
 
+def on_image_grid(side: int) -> int:
+    """A shot's side on the image grid: video sizes are multiples of 64, images need 16. Smaller values stay, for
+    the range check to name."""
+    return side // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN if side >= PIXELS_PER_TOKEN else side
+
+
 class Body(BaseModel):
     # The front end sends fields of other features too; NaN and infinity are never valid numbers here.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -107,8 +113,7 @@ class ShotConfig(GenerationBody):
     @field_validator("width", "height")
     @classmethod
     def _to_grid(cls, value: int) -> int:
-        """Video sizes are multiples of 64; images need 16. Smaller values stay, for the range check to name."""
-        return value // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN if value >= PIXELS_PER_TOKEN else value
+        return on_image_grid(value)
 
     def to_request(self) -> GenerationRequest:
         return GenerationRequest(**self.request_values())

@@ -5,11 +5,11 @@ from fastapi import APIRouter, HTTPException
 from sqlmodel import col, select
 
 from flux2.registry import ModelInfo
-from flux2.request import PIXELS_PER_TOKEN, GenerationRequest
+from flux2.request import GenerationRequest
 from flux2.studio.api.deps import JobsDep, ModelDep, SessionDep, WorkerDep
 from flux2.studio.api.jobs import Notes, queue_job, require_project
 from flux2.studio.api.responses import ThumbnailQueued, ThumbnailsQueued
-from flux2.studio.api.schemas import ThumbnailRequest
+from flux2.studio.api.schemas import ThumbnailRequest, on_image_grid
 from flux2.studio.payloads import ThumbnailJob
 from flux2.studio.records import Shot
 
@@ -50,15 +50,11 @@ def thumbnail_request(shot: Shot, body: ThumbnailRequest, model: ModelInfo) -> t
     prompt = shot.prompt or shot.action
     if not prompt:
         raise HTTPException(422, f"shot {shot.id!r} has no prompt or action to draw")
-    width, height = (_to_grid(body.width or shot.width), _to_grid(body.height or shot.height))
+    width, height = (body.width or shot.width, body.height or shot.height)
+    width, height = (None if side is None else on_image_grid(side) for side in (width, height))
     try:
         request = GenerationRequest(prompt=prompt, negative_prompt=shot.negative_prompt or "", width=width,
                                     height=height, seed=shot.seed, upsample=False)  # fmt: skip
         return request.fitted(model)
     except ValueError as err:
         raise HTTPException(422, f"shot {shot.id!r}: {err}") from None
-
-
-def _to_grid(side: int | None) -> int | None:
-    """Shot sizes are video sizes; images need multiples of 16. Smaller values stay, for the range check."""
-    return side // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN if side is not None and side >= PIXELS_PER_TOKEN else side
