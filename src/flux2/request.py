@@ -15,6 +15,7 @@ model, so a seed is validated once and drawn once wherever the request travels.
 Nothing here loads weights or opens images: the CLI checks every setting before minutes of loading.
 """
 
+import functools
 import math
 import random
 from dataclasses import dataclass, field, fields, replace
@@ -264,8 +265,11 @@ class GenerationRequest:
             raise ValueError("outpaint needs at least one margin > 0 (left, right, top or bottom)")
 
     def check_model(self, info: ModelInfo) -> "GenerationRequest":
-        """The model's rules, on top of `check`: what a distilled model fixes, what only CFG uses."""
+        """`check`, then the model's rules: what a distilled model fixes, what only CFG uses."""
         self.check()
+        return self._check_rules(info)
+
+    def _check_rules(self, info: ModelInfo) -> "GenerationRequest":
         num_steps = info.num_steps if self.num_steps is None else self.num_steps
         guidance = info.guidance if self.guidance is None else self.guidance
         info.check_fixed(num_steps, guidance)
@@ -288,7 +292,9 @@ class GenerationRequest:
         """Checked for `info`, with its defaults filled in and a seed drawn: what runs. Idempotent per model."""
         if self.resolved_for == info.name:
             return self
-        self.check_model(info)
+        return self.check_model(info)._filled(info)
+
+    def _filled(self, info: ModelInfo) -> "GenerationRequest":
         sized = self.mode != "generate" or self.match_image_size is not None  # the size comes from an image
         resolved = replace(
             self,
@@ -337,7 +343,8 @@ class GenerationRequest:
         elif self.negative_prompt and self.true_cfg_scale is None and not info.uses_cfg:
             drop["negative_prompt"] = None
             notes.append(f"the negative prompt needs true CFG on {info.name} (true_cfg_scale): not used")
-        return replace(self, **drop).resolve(info), tuple(notes)
+        # Ranges were checked above, before anything was dropped; the model's rules apply to what is left.
+        return replace(self, **drop)._check_rules(info)._filled(info), tuple(notes)
 
     def runs_cfg(self, info: ModelInfo) -> bool:
         return info.uses_cfg or self.true_cfg_scale is not None
@@ -396,6 +403,7 @@ def _json_images(name: str, value: object) -> object:
     return paths if isinstance(value, tuple | list) else paths[0]
 
 
+@functools.cache
 def request_params() -> dict[str, Param]:
-    """Every request field's Param, in the fields' order."""
+    """Every request field's Param, in the fields' order (one dict, shared: read it, do not change it)."""
     return {f.name: f.metadata["param"] for f in fields(GenerationRequest) if "param" in f.metadata}

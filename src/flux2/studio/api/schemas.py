@@ -287,17 +287,11 @@ class ShotSave(Body):
                 else item for item in items]  # fmt: skip
 
 
-class ProjectSave(Body):
+class ProjectSave(ProjectUpdate):
     """`PUT /projects/{id}`: the front end's auto-save of its whole project. It creates the project with that id
     if there is none yet. `scenes` and `shots`, when sent, replace the project's (a list left out keeps what is
     stored)."""
 
-    name: str | None = Field(None, min_length=1, max_length=200)
-    resolution_w: int | None = Field(None, ge=64, le=8192)
-    resolution_h: int | None = Field(None, ge=64, le=8192)
-    fps: int | None = Field(None, ge=1, le=240)
-    seed: int | None = Field(None, ge=0, le=PROJECT_SEED_MAX)
-    script_content: str | None = None
     script: str | None = None  # another name of script_content
     scenes: list[SceneSave] | None = Field(None, max_length=SAVE_MAX_SHOTS)
     shots: list[ShotSave] | None = Field(None, max_length=SAVE_MAX_SHOTS)
