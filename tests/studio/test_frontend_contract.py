@@ -195,6 +195,13 @@ def test_4_an_image_with_a_trigger_word_and_references_is_followed_by_sse_status
     # As the studio's backend stores them: the pictures used (Tom's, found by his id, and the upload), which a
     # click on the image puts back into reference_images.
     assert meta["reference_elements"] == [state["tom_picture"], state["reference"]], meta
+    # Projects saved by the app's own backend hold /generated/{job_id}.jpg URLs (InspectorPanel's Extend also
+    # finds the job id there); they lead to the same files.
+    for legacy, url in ((f"/generated/{job_id}.jpg", complete["url"]),
+                        (f"/generated/{job_id}_thumb.jpg", complete["thumbnail_url"])):  # fmt: skip
+        answer = client.get(legacy)
+        assert answer.status_code == 200 and answer.content == client.get(url).content, legacy
+    assert client.get("/generated/job_000000000000.jpg").status_code == 404
     state.update(image_asset=image["id"], meta=meta)
 
 

@@ -93,6 +93,23 @@ def test_resolve_refuses_symlinks_out(media, tmp_path):
     assert media.resolve("/projects/p1/alias.jpg") == project / "generated" / "a.jpg"
 
 
+def test_legacy_generated_urls_find_a_job_output_in_any_project(media):
+    output = media.generated_dir("p2") / "job_ab12.jpg"
+    thumb = media.thumbnails_dir("p2") / "job_ab12.jpg"
+    for file in (output, thumb):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"x")
+    assert media.resolve("/generated/job_ab12.jpg") == output
+    assert media.resolve("/generated/job_ab12_thumb.jpg") == thumb
+    assert media.find_generated("job_ab12_thumb.jpg") == thumb
+    for name in ("job_none.jpg", "*.jpg", "../p2/generated/job_ab12.jpg", "job_ab12", ".jpg"):
+        assert media.find_generated(name) is None, name
+    with pytest.raises(ValueError, match="image_path '/generated/job_none.jpg' names no job output"):
+        media.resolve("/generated/job_none.jpg", field="image_path")
+    with pytest.raises(ValueError, match="names no job output"):
+        media.resolve("/generated/..%2Fp2%2Fgenerated%2Fjob_ab12.jpg")
+
+
 def test_url_for_round_trips(media):
     path = media.uploads_dir(None) / "a b#1.png"
     url = media.url_for(path)

@@ -11,6 +11,7 @@ Layout under the data folder:
     tmp/{job_id}/                     a job's work in progress, published into place when done
 
 A file's web URL is its path under the data folder, with a leading slash: `/projects/{pid}/generated/x.jpg`.
+The app's older `/generated/{job_id}.jpg` (and `{job_id}_thumb.jpg`) URLs still lead to a job's output.
 """
 
 import os
@@ -32,6 +33,8 @@ IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "
 # decompression-bomb limit, so a small file cannot expand into gigabytes of pixels.
 MAX_UPLOAD_PIXELS = 8192 * 8192
 
+LEGACY_GENERATED = "/generated/"  # the app's own backend once served every job output from one folder
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.[A-Za-z0-9]{1,8}")  # a bare name: no path, no glob
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # "http:", "file:", "data:", also a Windows drive "C:"
 _CONFINED = "paths must stay inside the data folder (under projects/ or uploads/)"
@@ -93,6 +96,10 @@ class MediaStore:
             raise refuse("contains a NUL byte")
         if _SCHEME.match(client_path) or client_path.startswith("//"):
             raise refuse("is a URL with a scheme or host")
+        if client_path.startswith(LEGACY_GENERATED):
+            if (found := self.find_generated(unquote(client_path.removeprefix(LEGACY_GENERATED)))) is None:
+                raise refuse("names no job output")
+            return found
         relative = self._inside(client_path)
         if relative is None:
             if not client_path.startswith(tuple(f"/{root}/" for root in MEDIA_ROOTS)):
@@ -112,6 +119,17 @@ class MediaStore:
         if not resolved.is_relative_to(self.root / pure.parts[0]):
             raise refuse("leads outside the data folder (through a symbolic link)")
         return resolved
+
+    def find_generated(self, name: str) -> Path | None:
+        """The file a legacy `/generated/{name}` URL of the app's own backend means: a job output
+        (`{job_id}.jpg`) or its thumbnail (`{job_id}_thumb.jpg`), in whichever project it belongs to."""
+        if not _FILE_NAME.fullmatch(name):
+            return None
+        stem, suffix = name.rsplit(".", 1)
+        folder = "thumbnails" if stem.endswith("_thumb") else "generated"
+        matches = sorted((self.root / "projects").glob(f"*/{folder}/{stem.removesuffix('_thumb')}.{suffix}"))
+        found = matches[0].resolve() if matches else None
+        return found if found and found.is_relative_to(self.root / "projects") else None
 
     def url_for(self, path: Path | str) -> str:
         """The web URL of a media file (absolute, or relative to the data folder)."""

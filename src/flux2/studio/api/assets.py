@@ -105,6 +105,14 @@ def upload_media(path: str, media: MediaDep) -> FileResponse:
     return _media(media, f"/uploads/{quote(path)}")
 
 
+@media_router.get("/generated/{name}", summary="A job output by the app's older URL: /generated/{job_id}.jpg",
+                  response_class=FileResponse, responses=MEDIA_FILE)  # fmt: skip
+def legacy_generated_media(name: str, media: MediaDep) -> FileResponse:
+    if (file := media.find_generated(name)) is None:
+        raise HTTPException(404, f"/generated/{name}: no job output of that name")
+    return FileResponse(file)
+
+
 def _media(media, url: str) -> FileResponse:
     """`url` quoted again: the route's path is already decoded, and resolve() decodes a URL once."""
     try:
