@@ -12,6 +12,7 @@ import json
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
@@ -365,6 +366,17 @@ def test_10_deletions_answer_cleanly(service):
     second = client.delete(f"/assets/{state['image_asset']}")
     assert second.status_code == 404 and isinstance(second.json()["detail"], str), second.text
     assert all(i["id"] != state["image_asset"] for i in client.get(f"/projects/{project}/images").json())
+    # ... and the two arrive together (a browser sends them on pointer-down and on click): one removes the asset.
+    library = [item for item in client.get("/uploads").json() if item["asset_id"] == state["library_asset"]]
+
+    def delete_library_file(_):
+        with service.client_for() as own:
+            return own.delete(f"/assets/{state['library_asset']}")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(delete_library_file, range(8)))
+    assert sorted(a.status_code for a in answers) == [200] + [404] * 7, [a.text for a in answers]
+    assert library and client.get(library[0]["url"]).status_code == 404
 
     gone = client.delete(f"/elements/{state['boat']}")  # deleteElement
     assert gone.status_code == 200, gone.text

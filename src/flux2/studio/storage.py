@@ -8,6 +8,7 @@ Layout under the data folder:
     projects/{pid}/uploads/           a project's uploads
     projects/{pid}/assets/elements/   element images
     uploads/                          uploads outside any project
+    loras/                            LoRA files the service offers (put there by its operator; read only)
     tmp/{job_id}/                     a job's work in progress, published into place when done
 
 A file's web URL is its path under the data folder, with a leading slash: `/projects/{pid}/generated/x.jpg`.
@@ -27,6 +28,7 @@ from PIL import Image
 
 MiB = 1024 * 1024
 MEDIA_ROOTS = ("projects", "uploads")  # what clients may name; tmp/ and the database are not theirs
+LORA_SUFFIX = ".safetensors"
 UPLOAD_KINDS = ("general", "element", "reference")  # the `type` field of POST /upload
 IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}  # PIL format: suffix
 # 8192 x 8192: far above anything the model takes (references are resized to at most 2024² px) and below PIL's
@@ -79,6 +81,23 @@ class MediaStore:
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.root / "loras"
+
+    def lora_files(self) -> list[Path]:
+        """The LoRA files on offer, by name."""
+        folder = self.loras_dir
+        return sorted(p for p in folder.glob(f"*{LORA_SUFFIX}") if p.is_file()) if folder.is_dir() else []
+
+    def lora_file(self, name: str, field: str = "loras") -> Path:
+        """A LoRA on offer, by its file name; ValueError naming `field` for anything else."""
+        on_offer = {path.name: path for path in self.lora_files()}
+        if name not in on_offer:
+            names = ", ".join(on_offer) or f"none: put {LORA_SUFFIX} files in {self.loras_dir}"
+            raise ValueError(f"{field} {name!r} is not a LoRA of this service; it has {names}")
+        return on_offer[name]
 
     # Client paths and URLs.
 
@@ -242,9 +261,10 @@ class MediaStore:
     def delete(self, client_path: str, field: str = "path") -> bool:
         """Remove a media file a record points to; False if it was not there."""
         path = self.resolve(client_path, field)
-        if not path.is_file():
+        try:
+            path.unlink()  # no is_file() first: a second DELETE racing this one would pass it, then fail here
+        except (FileNotFoundError, IsADirectoryError):
             return False
-        path.unlink()
         return True
 
     def remove_project(self, project_id: str) -> None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from PIL import Image
+from sqlalchemy import delete
 from sqlmodel import col, select
 
 from flux2.studio.api.deps import MediaDep, SessionDep
@@ -53,13 +54,14 @@ def library(session: SessionDep) -> list[LibraryItem]:
 @router.delete("/assets/{asset_id}", summary="Delete an asset and its files")
 def delete_asset(asset_id: str, media: MediaDep, session: SessionDep) -> AssetDeleted:
     asset = session.get(Asset, asset_id)
-    if asset is None:
+    # The row goes first, by a statement that says whether it was still there: the front end sends every image
+    # DELETE twice at once, and only the request that removed the row removes the files.
+    if asset is None or session.execute(delete(Asset).where(col(Asset.id) == asset_id)).rowcount == 0:
         raise HTTPException(404, f"asset_id {asset_id!r}: no such asset")
+    session.commit()
     for url in (asset.path, asset.thumbnail_url):
         if url:
             media.delete(url)
-    session.delete(asset)
-    session.commit()
     return AssetDeleted(status="deleted", asset_id=asset_id)
 
 
