@@ -29,9 +29,22 @@ class AutoEncoderParams:
     num_res_blocks: int = 2
     z_channels: int = 32
     norm_groups: int = 32  # GroupNorm groups; not a reference field (tiny test models need fewer)
+    # Per-level decoder widths when the decoder is narrower than the encoder: BFL's FLUX.2 small decoder is
+    # (96, 192, 384, 384) against the encoder's (128, 256, 512, 512). None: the encoder's widths.
+    decoder_widths: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # presets are shared: keep them immutable
+        if self.decoder_widths is not None:
+            object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))
+
+    @property
+    def encoder_widths(self) -> tuple[int, ...]:
+        return tuple(self.ch * m for m in self.ch_mult)
+
+    @property
+    def decoder_block_widths(self) -> tuple[int, ...]:
+        return self.decoder_widths or self.encoder_widths
 
 
 def swish(x: Tensor) -> Tensor:
@@ -157,7 +170,7 @@ class Encoder(nn.Module):
 
     def __init__(self, p: AutoEncoderParams):
         super().__init__()
-        widths = [p.ch * m for m in p.ch_mult]
+        widths = list(p.encoder_widths)
         c_ins = [p.ch, *widths[:-1]]
         self.conv_in = conv3x3(p.in_channels, p.ch)
         self.down = nn.ModuleList(
@@ -183,7 +196,7 @@ class Decoder(nn.Module):
 
     def __init__(self, p: AutoEncoderParams):
         super().__init__()
-        widths = [p.ch * m for m in p.ch_mult]
+        widths = list(p.decoder_block_widths)
         c_ins = [*widths[1:], widths[-1]]  # level i takes the output of level i + 1
         self.post_quant_conv = nn.Conv2d(p.z_channels, p.z_channels, kernel_size=1)
         self.conv_in = conv3x3(p.z_channels, widths[-1])

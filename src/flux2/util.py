@@ -13,8 +13,15 @@ from pathlib import Path
 import torch
 
 from flux2.autoencoder import AutoEncoder, AutoEncoderParams
-from flux2.checkpoints import load_strict, read_safetensors
-from flux2.checkpoints.autoencoder import ae_diffusers_to_original, ae_params_from_state_dict, is_diffusers_ae
+from flux2.checkpoints import CheckpointError, load_strict, read_safetensors, read_safetensors_metadata
+from flux2.checkpoints.autoencoder import (
+    ae_diffusers_to_original,
+    ae_params_from_state_dict,
+    is_diffusers_ae,
+    with_decoder,
+)
+from flux2.checkpoints.gguf import is_gguf, read_gguf
+from flux2.checkpoints.quantized import TransformerCheckpoint, is_quantized, split_quantized
 from flux2.checkpoints.transformer import (
     is_diffusers_transformer,
     params_from_state_dict,
@@ -23,6 +30,7 @@ from flux2.checkpoints.transformer import (
 )
 from flux2.model import Flux2, Flux2Params
 from flux2.registry import FLUX2_MODEL_INFO, ModelInfo, RandomWeights, model_info
+from flux2.transforms.quantized import QuantizedLinear, quantize_linears
 from flux2.weights import find_ae, find_text_encoder, find_transformer, resolve_weights_dir
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "load_ae",
     "load_flow_model",
     "load_text_encoder",
+    "read_transformer_checkpoint",
     "read_transformer_state_dict",
 ]
 
@@ -64,12 +73,39 @@ def _random_weights(info: ModelInfo | None) -> RandomWeights | None:
 # ----------------------------------------------------------------------------- transformer
 
 
-def read_transformer_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """An original single file or a diffusers folder, returned in the original (BFL) key layout."""
+def read_transformer_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TransformerCheckpoint:
+    """An original single file, a diffusers folder, a quantised safetensors file (float8 / nvfp4, ComfyUI and BFL
+    layouts) or a GGUF file, in the original (BFL) key layout; quantised Linear weights are kept quantised."""
+    if is_gguf(path):
+        checkpoint = read_gguf(path, device)
+        return TransformerCheckpoint(strip_original_prefix(checkpoint.dense), _strip_layers(checkpoint.quantized))
     sd = read_safetensors(path, device)
+    metadata = read_safetensors_metadata(path)
+    if not is_quantized(sd, metadata):
+        return TransformerCheckpoint(transformer_diffusers_to_original(sd) if is_diffusers_transformer(sd) else
+                                     strip_original_prefix(sd))  # fmt: skip
     if is_diffusers_transformer(sd):
-        return transformer_diffusers_to_original(sd)
-    return strip_original_prefix(sd)
+        raise CheckpointError(
+            f"{path}: quantised diffusers-layout transformers are not supported (their q/k/v would need re-fusing "
+            "across scales); use an original-layout (BFL / ComfyUI) quantised file"
+        )
+    return split_quantized(strip_original_prefix(sd), metadata)
+
+
+def _strip_layers(layers: dict) -> dict:
+    """GGUF layer names carry the same `model.diffusion_model.` prefix as keys do in some exports."""
+    stripped = strip_original_prefix({f"{name}.weight": weight for name, weight in layers.items()})
+    return {key.removesuffix(".weight"): weight for key, weight in stripped.items()}
+
+
+def read_transformer_state_dict(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Every transformer weight as a dense tensor in the original (BFL) key layout; quantised weights are
+    dequantised to `dtype` (plain files come back exactly as stored)."""
+    checkpoint = read_transformer_checkpoint(path, device)
+    dense = {f"{name}.weight": QuantizedLinear(w).dense_weight(dtype) for name, w in checkpoint.quantized.items()}
+    return {**checkpoint.dense, **dense}
 
 
 def detect_model_name(params: Flux2Params) -> str | None:
@@ -89,11 +125,15 @@ def load_flow_model(
     path: str | Path | None = None,
     weights_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    dequantize: bool = False,
 ) -> Flux2:
     """Build the transformer and load its weights (strict keys; architecture from the registry or shapes).
 
     With no name, `path` is required and the architecture is read from the tensor shapes. `debug_mode` (as in
-    the reference) builds one block of each kind with random weights and loads nothing.
+    the reference) builds one block of each kind with random weights and loads nothing. Quantised files (float8,
+    nvfp4, GGUF) keep their Linear weights quantised as `flux2.transforms.quantized.QuantizedLinear` unless
+    `dequantize` asks for a plain dense model (in `dtype`, bf16 when None). `dtype` casts only the dense tensors
+    of a quantised model.
     """
     device = torch.device(device) if device is not None else default_device()
     if name is None and path is None:
@@ -109,16 +149,32 @@ def load_flow_model(
     if path is None:
         path = find_transformer(info, resolve_weights_dir(weights_dir))
     log.info("Loading %s for the FLUX.2 weights", path)
-    sd = read_transformer_state_dict(path, device)
-    params = params_from_state_dict(sd)
+    checkpoint = read_transformer_checkpoint(path, device)
+    params = params_from_state_dict(checkpoint.logical_state_dict())
     if info is None:
         log.info("architecture read from the tensor shapes matches %s", detect_model_name(params) or "no preset")
     else:
         _warn_if_not_preset(path, info.name, "transformer", params, info.params)
     with torch.device("meta"):
         model = Flux2(params)
-    model = load_strict(model, sd, "transformer").eval()
+    model = _load_transformer(model, checkpoint, dequantize, dtype)
     return model.to(device=device, dtype=dtype) if dtype is not None else model
+
+
+def _load_transformer(model: Flux2, checkpoint: TransformerCheckpoint, dequantize: bool, dtype) -> Flux2:
+    """Quantised layers become QuantizedLinear (or, with dequantize, dense weights in dtype or bf16); then every
+    tensor is checked and assigned strictly."""
+    if dequantize:
+        dense = {f"{n}.weight": QuantizedLinear(w).dense_weight(dtype or torch.bfloat16)
+                 for n, w in checkpoint.quantized.items()}  # fmt: skip
+        return load_strict(model, {**checkpoint.dense, **dense}, "transformer").eval()
+    expected = model.state_dict()
+    unknown = sorted(name for name in checkpoint.quantized if f"{name}.weight" not in expected)
+    if unknown:
+        raise CheckpointError(f"transformer checkpoint has quantised layers the model does not have: {unknown[:20]}")
+    quantize_linears(model, checkpoint.quantized)
+    buffers = {f"{n}.{b}": t for n, w in checkpoint.quantized.items() for b, t in w.tensors.items()}
+    return load_strict(model, {**checkpoint.dense, **buffers}, "transformer").eval()
 
 
 def _warn_if_not_preset(path, name: str, part: str, found, preset) -> None:
@@ -166,21 +222,35 @@ def load_ae(
     weights_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
     params: AutoEncoderParams | None = None,
+    decoder_path: str | Path | None = None,
 ) -> AutoEncoder:
-    """The FLUX.2 autoencoder from `ae.safetensors` or a diffusers `vae/` folder; fp32 unless dtype is given."""
+    """The FLUX.2 autoencoder from `ae.safetensors` or a diffusers `vae/` folder; fp32 unless dtype is given.
+
+    `decoder_path` swaps in another decoder, such as BFL's FLUX.2 small decoder (narrower, faster, a little less
+    detail): a decoder-only file or a whole autoencoder file whose decoder is taken. Its widths are read from the
+    shapes."""
     device = torch.device(device) if device is not None else default_device()
     info = model_info(name)
     if (random := _random_weights(info)) is not None and path is None:
         from flux2.tiny import random_ae
 
-        return random_ae(info.ae_params, random.seed).to(device=device, dtype=dtype or random.torch_dtype).eval()
-    if path is None:
-        path = find_ae(info, resolve_weights_dir(weights_dir))
-    log.info("Loading %s for the AutoEncoder weights", path)
-    sd = read_ae_state_dict(path, device)
+        ae = random_ae(info.ae_params, random.seed).to(device=device, dtype=dtype or random.torch_dtype).eval()
+        if decoder_path is None:
+            return ae
+        sd, params, dtype = ae.state_dict(), None, dtype or random.torch_dtype
+    else:
+        path = path if path is not None else find_ae(info, resolve_weights_dir(weights_dir))
+        log.info("Loading %s for the AutoEncoder weights", path)
+        sd = read_ae_state_dict(path, device)
+    if decoder_path is not None:
+        log.info("Loading %s for the AutoEncoder's decoder", decoder_path)
+        sd = with_decoder(sd, read_safetensors(decoder_path, device))
+        params = None  # its widths are the new decoder's
     if params is None:
-        params = replace(ae_params_from_state_dict(sd), norm_groups=_vae_norm_groups(path))
-        _warn_if_not_preset(path, info.name, "autoencoder", params, info.ae_params)
+        groups = _vae_norm_groups(path) if path is not None else info.ae_params.norm_groups
+        params = replace(ae_params_from_state_dict(sd), norm_groups=groups)
+        if decoder_path is None:
+            _warn_if_not_preset(path, info.name, "autoencoder", params, info.ae_params)
     with torch.device("meta"):
         ae = AutoEncoder(params)
     ae = load_strict(ae, sd, "autoencoder").eval()

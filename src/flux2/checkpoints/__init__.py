@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -29,6 +30,18 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     for shard in shards:
         state.update(load_file(str(shard), device=str(device)))
     return state
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a file's header (every shard's, merged, for a folder); {} when there is none.
+
+    Quantised files say there how their layers are quantised (ComfyUI's `_quantization_metadata`)."""
+    path = Path(path)
+    metadata: dict[str, str] = {}
+    for shard in [path] if path.is_file() else _shards(path):
+        with safe_open(str(shard), framework="pt") as f:
+            metadata.update(f.metadata() or {})
+    return metadata
 
 
 def _shards(folder: Path) -> list[Path]:

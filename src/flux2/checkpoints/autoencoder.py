@@ -133,12 +133,15 @@ def is_diffusers_ae(sd: Mapping[str, Tensor]) -> bool:
 
 def diffusers_ae_config(params: AutoEncoderParams) -> dict:
     """`AutoencoderKLFlux2` config of the same architecture; both add one resnet per decoder level."""
-    return dict(
-        block_out_channels=tuple(params.ch * m for m in params.ch_mult),
+    config = dict(
+        block_out_channels=params.encoder_widths,
         layers_per_block=params.num_res_blocks,
         latent_channels=params.z_channels,
         norm_num_groups=params.norm_groups,
     )
+    if params.decoder_widths is not None:  # the small decoder (diffusers >= 0.37)
+        config["decoder_block_out_channels"] = params.decoder_widths
+    return config
 
 
 def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
@@ -146,6 +149,17 @@ def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     indices = {int(m.group(1)) for key in sd if (m := pattern.match(key))}
     return max(indices) + 1 if indices else 0
+
+
+def with_decoder(sd: Mapping[str, Tensor], decoder_file: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`sd` with its decoder taken from another original-layout file: a whole autoencoder (its `decoder.*` keys,
+    as in BFL's `full_encoder_small_decoder.safetensors`) or a decoder alone, whose keys lack the `decoder.`
+    prefix (BFL's `small_decoder.safetensors`)."""
+    if any(key.startswith("decoder.") for key in decoder_file):
+        decoder = {key: value for key, value in decoder_file.items() if key.startswith("decoder.")}
+    else:
+        decoder = {f"decoder.{key}": value for key, value in decoder_file.items()}
+    return {key: value for key, value in sd.items() if not key.startswith("decoder.")} | decoder
 
 
 def ae_params_from_state_dict(sd: Mapping[str, Tensor]) -> AutoEncoderParams:
@@ -158,6 +172,7 @@ def ae_params_from_state_dict(sd: Mapping[str, Tensor]) -> AutoEncoderParams:
     ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
     levels = _count(sd, "encoder.down")
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    decoder_widths = tuple(sd[f"decoder.up.{i}.block.0.conv1.weight"].shape[0] for i in range(_count(sd, "decoder.up")))
     return AutoEncoderParams(
         in_channels=in_channels,
         ch=ch,
@@ -165,4 +180,6 @@ def ae_params_from_state_dict(sd: Mapping[str, Tensor]) -> AutoEncoderParams:
         ch_mult=ch_mult,
         num_res_blocks=_count(sd, "encoder.down.0.block"),
         z_channels=sd["decoder.conv_in.weight"].shape[1],
+        # a narrower decoder (the FLUX.2 small decoder) is recorded; the usual one is the encoder's widths
+        decoder_widths=None if decoder_widths == tuple(ch * m for m in ch_mult) else decoder_widths,
     )

@@ -4,4 +4,6 @@
 (its modules, or the hooks every pipeline stage runs in) and never adds a branch to them.
 
 - `offload.cpu_offload(pipe)`: models live on the CPU and visit the device only for the stages that use them.
+- `lora.set_loras(model, [(lora, strength), ...])`: LoRAs applied unfused by forward hooks (or `fuse_loras`).
+- `quantized.quantize_linears(model, weights)`: Linears become weight-only `QuantizedLinear`s (fp8, nvfp4, GGUF).
 """
