@@ -22,7 +22,7 @@ from flux2 import __version__
 from flux2.editing import EditSource, edit_source, latent_mask
 from flux2.images import ImageInput, image_sha256, image_to_tensor, open_image_input, tensor_to_image
 from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
-from flux2.request import GenerationRequest
+from flux2.request import GenerationRequest, LoraChoice
 from flux2.safety import ContentFlagged, IntegrityChecker, SafetyPolicy, SafetyVerdict
 from flux2.sampling import (
     PIXELS_PER_TOKEN,
@@ -46,6 +46,7 @@ from flux2.weights import WeightPaths, find_weights
 
 if TYPE_CHECKING:
     from flux2.ip_adapter import IPAdapter
+    from flux2.transforms.lora_files import LoraFiles
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class GenerationRecord:
     edit: dict | None = None  # how an edit was set up: mask sha256, mask_blur, crop_padding, margins, work_size
     true_cfg_scale: float | None = None  # opt-in true CFG on a distilled model or [dev]
     ip_adapter_scale: float | None = None
+    loras: tuple[dict, ...] = ()  # each LoRA applied: file name, sha256 of the file, strength, fused or not
     watermark: str | None = None  # the invisible-watermark method embedded, if any
     safety: str = "off"  # the safety policy mode in force (see GeneratedImage.flagged for a withheld output)
     software: str = f"flux2 {__version__}"
@@ -102,7 +104,7 @@ class GenerationRecord:
 
     def to_dict(self) -> dict:
         """JSON-ready: exactly what provenance metadata stores and reads back."""
-        return {**asdict(self), "references": list(self.references)}
+        return {**asdict(self), "references": list(self.references), "loras": [dict(lora) for lora in self.loras]}
 
 
 @dataclass
@@ -126,6 +128,7 @@ class _Plan:
     cfg: float | None  # the CFG scale when two passes run
     source: EditSource | None = None
     upsampled: UpsampleResult | None = None
+    loras: tuple[dict, ...] = ()  # the LoRAs applied, as the record names them
 
     @property
     def text(self) -> str:
@@ -183,7 +186,8 @@ class Flux2Pipeline:
     the references and the outputs, and `watermark` (on by default; None turns it off) marks every output.
     `progress` hears of each component loaded (stage "load"). `ip_adapter` (flux2.ip_adapter) adds image-prompt
     tokens to the text stream. `run(request)` serves a GenerationRequest; `generate`, `edit`, `img2img`,
-    `inpaint` and `outpaint` build one from keyword arguments.
+    `inpaint` and `outpaint` build one from keyword arguments. A request's `loras` apply to it alone;
+    `fuse_loras` merges a set into the weights for every request until `unfuse_loras`.
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class Flux2Pipeline:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.info, self.device)
         self.stage_hooks: list[StageHook] = []  # contexts every stage runs in (flux2.transforms)
+        self._lora_files: LoraFiles | None = None  # made on first use of a LoRA
         if not self.info.needs_files:
             log.warning("model %r has random weights: it is a self-test and produces noise images", self.info.name)
         paths = self._locate(weights_dir, flow_model, ae, text_encoder)
@@ -339,7 +344,26 @@ class Flux2Pipeline:
         request = request.resolve(self.info)
         if request.true_cfg_scale is not None:
             log.warning("true CFG on %s runs the model twice per step: about twice the time", self.info.name)
-        return self._generate(self._plan(request), _Reporter(callback, cancel))
+        plan = self._plan(request)
+        if request.loras or self._lora_files is not None:
+            files = self.lora_files()
+            plan = replace(plan, loras=files.record(files.use(request.loras)))
+        return self._generate(plan, _Reporter(callback, cancel))
+
+    def fuse_loras(self, loras: Sequence[LoraChoice | str | tuple[str, float]]) -> None:
+        """Merge LoRAs into the transformer's weights: every request runs at full speed with them, until
+        `unfuse_loras` gives back the weights exactly as loaded. A request's own `loras` apply on top."""
+        self.lora_files().fuse(tuple(LoraChoice.of(lora) for lora in loras))
+
+    def unfuse_loras(self) -> None:
+        self.lora_files().unfuse()
+
+    def lora_files(self) -> "LoraFiles":
+        if self._lora_files is None:
+            from flux2.transforms.lora_files import LoraFiles
+
+            self._lora_files = LoraFiles(self.flow_model)
+        return self._lora_files
 
     def _generate(self, plan: _Plan, report: "_Reporter") -> list[GeneratedImage]:
         self.safety.prepare()
@@ -571,6 +595,7 @@ class Flux2Pipeline:
             edit={k: v for k, v in source.settings.items() if k != "original"} if source else None,
             true_cfg_scale=None if self.info.uses_cfg else plan.cfg,
             ip_adapter_scale=request.ip_adapter_scale if plan.ip_images else None,
+            loras=plan.loras,
             watermark=watermark,
             safety=self.safety.mode,
             note=self.info.output_note,

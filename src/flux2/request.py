@@ -36,6 +36,7 @@ NEW_SEED_RANGE = 2**31  # a drawn seed: short enough to read and type back
 PROMPT_MAX_CHARS = 4000  # the text encoders keep 512 tokens; this is several times that
 WORK_PIXELS = 1024**2  # diffusers' inpaint cap: larger sources are edited at about 1 MP and scaled back
 TRUE_CFG_DEFAULT = 2.0  # the scale an HTTP client gets when it turns true CFG on without a scale above 1
+LORA_STRENGTH_LIMIT = 10.0  # trainers suggest 0.5-1.5; past 10 a LoRA only burns the image (a typo like 80)
 
 Mode = Literal["generate", "img2img", "inpaint", "outpaint"]
 CfgMode = Literal["auto", "batched", "sequential"]
@@ -44,7 +45,52 @@ EDIT_MODES = frozenset({"img2img", "inpaint", "outpaint"})
 CFG_MODES: tuple[str, ...] = get_args(CfgMode)
 STRENGTH_DEFAULT = {"img2img": 0.8, "inpaint": 1.0, "outpaint": 1.0}  # how far back on the schedule an edit starts
 ALL, EDITS, GENERATE = frozenset(MODES), EDIT_MODES, frozenset({"generate"})
-INPUTS = frozenset({"prompt", "reference_images", "ip_adapter_images", "image", "mask"})  # see with_inputs
+INPUTS = frozenset({"prompt", "reference_images", "ip_adapter_images", "image", "mask", "loras"})  # with_inputs
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA file and how strongly it applies: 1 as trained, 0 not at all, negative pushes away from it."""
+
+    path: str
+    strength: float = 1.0
+
+    @classmethod
+    def of(cls, value: object) -> "LoraChoice":
+        """From `"path"`, `"path:0.8"`, `(path, 0.8)`, `{"path": ..., "strength": ...}` or a LoraChoice."""
+        if isinstance(value, LoraChoice):
+            return value
+        if isinstance(value, str | Path):
+            return cls.parse(str(value))
+        if isinstance(value, dict) and set(value) <= {"path", "strength"} and "path" in value:
+            return cls(str(value["path"]), value.get("strength", 1.0))
+        if isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[0], str | Path):
+            return cls(str(value[0]), value[1])
+        raise ValueError(f"a LoRA is PATH[:STRENGTH], (path, strength) or {{'path', 'strength'}}, got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """`PATH[:STRENGTH]`; a colon that is not followed by a number is part of the path (C:\\loras\\a)."""
+        path, colon, strength = text.rpartition(":")
+        if colon and path:
+            try:
+                return cls(path, float(strength))
+            except ValueError:
+                pass
+        return cls(text)
+
+    def problem(self) -> str | None:
+        if not isinstance(self.path, str) or not self.path:
+            return f"its path must be a non-empty file path, got {self.path!r}"
+        strength = self.strength
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            return f"its strength must be a number, got {strength!r}"
+        if abs(strength) > LORA_STRENGTH_LIMIT:
+            return f"its strength must be in [-{LORA_STRENGTH_LIMIT:g}, {LORA_STRENGTH_LIMIT:g}], got {strength!r}"
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.strength:g}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +98,8 @@ class Param:
     """What one request field accepts: a kind, bounds, and the modes that take it; plus where it is offered."""
 
     help: str
-    kind: type  # int, float, str, bool; object for an image (a file path or a PIL image), tuple for several
+    kind: type  # int, float, str, bool; object for an image (a file path or a PIL image), tuple for several;
+    # LoraChoice for a tuple of LoRAs
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
@@ -68,6 +115,12 @@ class Param:
         """ValueError naming the field, the value and what is allowed; None (the default) always passes."""
         if value is None or self.kind in (object, tuple):
             return  # images are checked when they are opened
+        if self.kind is LoraChoice:
+            for i, item in enumerate(value if isinstance(value, tuple) else [value]):
+                problem = "it must be a LoraChoice" if not isinstance(item, LoraChoice) else item.problem()
+                if problem:
+                    raise ValueError(f"{name}[{i}] ({item}): {problem}")
+            return
         if not self._fits(value):
             raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
 
@@ -96,6 +149,9 @@ class Param:
             return f"text of at most {self.max_length} characters" if self.max_length else "text"
         if self.kind is bool:
             return "true or false"
+        if self.kind is LoraChoice:
+            limit = f"{LORA_STRENGTH_LIMIT:g}"
+            return f"LoRA files, each PATH[:STRENGTH] with a strength in [-{limit}, {limit}]"
         low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
         high = f"<= {self.le:g}" if self.le is not None else ""
         what = "an integer" if self.kind is int else "a number"
@@ -172,6 +228,9 @@ class GenerationRequest:
         allowed="a finite number >= 0",
         cli=False,
         help="how much the IP-Adapter tokens change the result (0: not at all)",
+    )
+    loras: tuple[LoraChoice, ...] = param(
+        (), kind=LoraChoice, flag_alias="--lora", help="LoRA files to apply, each with a strength (default 1)"
     )
     upsample: bool = param(True, kind=bool, help="use the pipeline's prompt upsampler for this request", cli=False)
     # Editing a source image (every mode but "generate"); the output takes the source's size.
@@ -370,6 +429,8 @@ class GenerationRequest:
         if unknown := sorted(settings.keys() - params.keys()):
             raise ValueError(f"{what} does not take {', '.join(unknown)}; it takes {', '.join(sorted(params))}")
         images = {name: tuple(value) for name, value in settings.items() if params[name].kind is tuple}
+        if "loras" in settings:
+            images["loras"] = tuple(LoraChoice.of(item) for item in settings["loras"])
         return cls(**{**settings, **images})
 
     def to_json(self) -> dict[str, object]:
@@ -380,6 +441,8 @@ class GenerationRequest:
             value = getattr(self, f.name)
             if "param" in f.metadata and f.metadata["param"].kind in (object, tuple):
                 value = _json_images(f.name, value)
+            elif f.name == "loras":
+                value = [{"path": lora.path, "strength": lora.strength} for lora in value]
             data[f.name] = value
         return data
 
@@ -389,6 +452,7 @@ class GenerationRequest:
         names = request_params()
         values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
                   if key in names}  # fmt: skip
+        values["loras"] = tuple(LoraChoice.of(item) for item in values.get("loras", ()))
         return cls(**values)._resolved(data.get("resolved_for"))
 
 

@@ -8,9 +8,15 @@ from flux2.registry import model_info
 from flux2.request import MAX_SEED, MAX_SIDE, TRUE_CFG_DEFAULT
 from flux2.studio.api.jobs import fitted
 from flux2.studio.api.schemas import GenerateImageRequest, InpaintRequest, ShotConfig, VisualizeRequest
+from flux2.studio.storage import MediaStore
 
 KLEIN = model_info("flux.2-klein-4b")  # distilled: fixed steps and guidance
 BASE = model_info("flux.2-klein-base-4b")  # CFG with guidance as its scale
+
+
+@pytest.fixture
+def media(tmp_path) -> MediaStore:
+    return MediaStore(tmp_path)  # no LoRAs on offer
 
 
 def test_front_end_fields_become_request_fields():
@@ -35,21 +41,21 @@ def test_front_end_fields_become_request_fields():
     assert (visual.prompt, visual.guidance, visual.seed, visual.width) == ("a sailor", 2.0, 3, None)
 
 
-def test_defaults_are_the_models_and_what_it_cannot_use_is_noted():
+def test_defaults_are_the_models_and_what_it_cannot_use_is_noted(media):
     body = GenerateImageRequest(project_id="p", prompt="x")
-    request, notes = fitted(body, body.to_request(), KLEIN)
+    request, notes = fitted(body, body.to_request(), KLEIN, media)
     assert (request.width, request.height, request.num_steps, request.guidance) == (1024, 1024, 4, 1.0)
     assert isinstance(request.seed, int) and request.resolved_for == KLEIN.name and notes == ()
     sent = GenerateImageRequest(project_id="p", prompt="x", num_inference_steps=25, guidance_scale=2.0,
                                 negative_prompt="blur")  # fmt: skip
-    request, notes = fitted(sent, sent.to_request(), KLEIN)
+    request, notes = fitted(sent, sent.to_request(), KLEIN, media)
     assert (request.num_steps, request.guidance, request.negative_prompt) == (4, 1.0, None)
     assert any("distilled" in note for note in notes) and any("negative prompt" in note for note in notes)
-    request, notes = fitted(sent, sent.to_request(), BASE)
+    request, notes = fitted(sent, sent.to_request(), BASE, media)
     assert (request.num_steps, request.guidance, request.negative_prompt, notes) == (25, 2.0, "blur", ())
 
 
-def test_a_value_out_of_range_is_a_422_naming_the_front_end_field_whatever_the_model():
+def test_a_value_out_of_range_is_a_422_naming_the_front_end_field_whatever_the_model(media):
     cases = [
         (GenerateImageRequest(project_id="p", prompt="x", num_inference_steps=0), "num_inference_steps"),
         (GenerateImageRequest(project_id="p", prompt="x", guidance_scale=-1), "guidance_scale"),
@@ -63,16 +69,16 @@ def test_a_value_out_of_range_is_a_422_naming_the_front_end_field_whatever_the_m
     for body, request, field in requests:
         for model in (KLEIN, BASE):  # KLEIN runs its own steps and guidance: out of range is still refused
             with pytest.raises(HTTPException) as refused:
-                fitted(body, request, model)
+                fitted(body, request, model, media)
             assert refused.value.status_code == 422
             assert refused.value.detail.startswith(f"{field} must be "), refused.value.detail
     inpaint = InpaintRequest(image_path="/projects/p/a.png", prompt="x", strength=2, mask_blur=-1)
     with pytest.raises(HTTPException) as refused:
-        fitted(inpaint, inpaint.to_request("/projects/p/a.png", "/projects/p/m.png"), KLEIN)
+        fitted(inpaint, inpaint.to_request("/projects/p/a.png", "/projects/p/m.png"), KLEIN, media)
     assert refused.value.detail.startswith("strength must be a number in (0, 1]"), refused.value.detail
     visual = VisualizeRequest()  # an element's description can make its picture's prompt too long
     with pytest.raises(HTTPException) as refused:
-        fitted(visual, visual.to_request("y" * 4001), KLEIN)
+        fitted(visual, visual.to_request("y" * 4001), KLEIN, media)
     assert refused.value.detail.startswith("prompt_override must be text of at most 4000"), refused.value.detail
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flux2.registry import ModelInfo
-from flux2.request import GenerationRequest, request_params
+from flux2.request import GenerationRequest, LoraChoice, request_params
 
 DEFAULT_PROMPT = (
     "a photo of a forest with mist swirling around the tree trunks. The word 'FLUX.2' is painted over it in big, "
@@ -92,6 +92,8 @@ def coerce_value(key: str, raw: str, say: Say = print) -> object:
     kind = request_params()[REPL_KEYS[key]].kind
     if kind is tuple:
         return tuple(_existing_images(raw, say))
+    if kind is LoraChoice:
+        return tuple(_existing_loras(raw))
     if kind in (int, float) and raw.strip().lower() in ("", "none"):
         return None
     try:
@@ -115,6 +117,17 @@ def _existing_images(raw: str, say: Say) -> list[Path]:
         if path not in found:
             say(f"File {path} not found. Skipping for now. Please check your path")
     return found
+
+
+def _existing_loras(raw: str) -> list[LoraChoice]:
+    """`a.safetensors:0.8,b.safetensors` (or separated by spaces); `[]` or nothing clears. A missing file is an
+    error: a LoRA left out silently would make a different image than the one asked for."""
+    raw = raw.strip().removeprefix("[").removesuffix("]")
+    pieces = [part.strip() for piece in shlex.split(raw) for part in piece.split(",") if part.strip()]
+    loras = [LoraChoice.parse(piece) for piece in pieces]
+    if missing := [lora.path for lora in loras if not _is_file(Path(lora.path))]:
+        raise ValueError(f"loras: no such file: {', '.join(missing)}")
+    return loras
 
 
 def _is_file(path: Path) -> bool:
@@ -147,6 +160,8 @@ def format_config(config: Config, names: tuple[str, ...] = ALL_KEYS) -> str:
         value = config.get(name)
         if name == "input_images":
             value = "[" + ", ".join(str(p) for p in value) + "]"
+        elif name == "loras":
+            value = "[" + ", ".join(str(lora) for lora in value) + "]"
         elif name == "seed" and value is None:
             value = "None (random)"
         lines.append(f"  {name:21} {value}")

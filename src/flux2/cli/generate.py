@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     target = output_target(args.output, args.format)
     images = tuple(open_image(path, f"input image {i}") for i, path in enumerate(args.image))
     request = request_from_args(args, prompt=args.prompt, reference_images=images).resolve(model_info(name))
+    check_lora_files(request.loras)
     with TerminalProgress(enabled=not args.json) as progress:
         pipe = open_pipeline(args, name, progress=progress)
     result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json)
@@ -71,6 +72,16 @@ def run(args: argparse.Namespace) -> int:
     if result.cancelled:
         return 130
     return NOTHING_WRITTEN if result.outputs and all(path is None for path in result.paths) else 0
+
+
+def check_lora_files(loras) -> None:
+    """Each --lora file is there and reads as a LoRA (its keys), before the model loads."""
+    from flux2.checkpoints.lora import load_lora
+
+    for lora in loras:
+        if not Path(lora.path).is_file():
+            raise ValueError(f"--lora {lora.path}: no such file")
+        load_lora(lora.path)
 
 
 def report(result, as_json: bool) -> None:

@@ -3,7 +3,7 @@ field with `cli=True` becomes an option here with its type, choices and help, an
 
 import argparse
 
-from flux2.request import GenerationRequest, Param, request_params
+from flux2.request import GenerationRequest, LoraChoice, Param, request_params
 
 
 def flag(name: str) -> str:
@@ -21,6 +21,8 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
 def _argument(spec: Param) -> dict:
     if spec.kind is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if spec.kind is LoraChoice:  # repeatable: --lora style.safetensors:0.8 --lora detail.safetensors
+        return {"type": LoraChoice.parse, "action": "append", "metavar": "PATH[:STRENGTH]"}
     return {"type": spec.kind, "choices": spec.choices or None, "metavar": "|".join(spec.choices) or None}
 
 

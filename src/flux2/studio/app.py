@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from flux2 import __version__
 from flux2.registry import model_info
-from flux2.studio.api import assets, edit, events, jobs, projects, storyboard
+from flux2.studio.api import assets, edit, events, jobs, loras, projects, storyboard
 from flux2.studio.api.deps import Studio, token_matches
 from flux2.studio.api.responses import Health
 from flux2.studio.config import StudioSettings
@@ -71,7 +71,7 @@ def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
     app.add_exception_handler(ValueError, _bad_request)
-    for module in (jobs, projects, storyboard, assets, edit, events):
+    for module in (jobs, projects, storyboard, assets, edit, loras, events):
         app.include_router(module.router)
     app.include_router(assets.media_router)  # last: /projects/{path} would shadow the project routes
 

@@ -157,7 +157,11 @@ class Tasks:
 
     def _run(self, pipe, request: GenerationRequest, ctx: TaskContext):
         """One image, with progress and cancellation; a withheld image is an error. The request was resolved
-        for the model when the job was queued, so it runs as stored: its seed included."""
+        for the model when the job was queued, so it runs as stored: its seed included (LoRAs are stored by
+        name, and found in the LoRA folder now)."""
+        if request.loras:
+            files = [replace(lora, path=str(self.media.lora_file(lora.path))) for lora in request.loras]
+            request = request.with_inputs(loras=tuple(files))
         [out] = pipe.run(request, callback=progress_reporter(ctx.report), cancel=ctx.cancel)
         if out.image is None:
             raise ValueError(f"the output was withheld by the safety policy: {out.flagged.detail}")

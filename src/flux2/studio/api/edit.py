@@ -85,7 +85,7 @@ async def inpaint(
         raise HTTPException(422, "give a mask: mask_path, text_mask (words) or points ([[x, y], ...])")
     mask_file = _resolve(media, body.mask_path, "mask_path") if body.mask_path else None
     given_mask = media.url_for(mask_file) if mask_file else None
-    request, notes = fitted(body, body.to_request(media.url_for(image), given_mask or MASK_TO_COME), model)
+    request, notes = fitted(body, body.to_request(media.url_for(image), given_mask or MASK_TO_COME), model, media)
     if mask_file is not None:
         await run_in_threadpool(_check_mask, image, mask_file, given_mask)
     mask_path = given_mask or await _segmented_mask(body, media, segmentation, image, project_id)

@@ -70,10 +70,14 @@ def earlier_job(session: Session, submission: Submission | None) -> Job | None:
     return job
 
 
-def fitted(body: GenerationBody, request: GenerationRequest, model: ModelInfo) -> tuple[GenerationRequest, Notes]:
-    """The one check of a body's generation fields: their ranges, then the served model's rules. What the model
-    cannot use is dropped, with a note; the seed is drawn here. A bad value is a 422 naming the body's field."""
+def fitted(body: GenerationBody, request: GenerationRequest, model: ModelInfo,
+           media: MediaStore) -> tuple[GenerationRequest, Notes]:  # fmt: skip
+    """The one check of a body's generation fields: their ranges, then the served model's rules, and that each
+    LoRA is on offer. What the model cannot use is dropped, with a note; the seed is drawn here. A bad value is
+    a 422 naming the body's field."""
     try:
+        for i, lora in enumerate(request.loras):
+            media.lora_file(lora.path, f"loras[{i}].name")
         return request.fitted(model)
     except ValueError as err:
         raise HTTPException(422, body.in_front_end_terms(err)) from None
@@ -129,7 +133,7 @@ def generate_image(body: GenerateImageRequest, jobs: JobsDep, worker: WorkerDep,
     submission = Submission.of(idempotency_key, "/generate/image", body)
     if (earlier := earlier_job(session, submission)) is not None:
         return Queued(job_id=earlier.id, status="queued")
-    request, notes = fitted(body, body.to_request(), model)
+    request, notes = fitted(body, body.to_request(), model, media)
     require_project(session, body.project_id)
     check_references(media, session, body.project_id, body.reference_images)
     payload = ImageJob(project_id=body.project_id, request=request, references=tuple(body.reference_images),
@@ -147,7 +151,7 @@ def generate_advanced(body: AdvancedRequest, jobs: JobsDep, worker: WorkerDep, m
     shot = body.shot_config
     if shot.num_frames != 1:
         raise HTTPException(501, "video generation is not part of this service: only num_frames == 1 (an image)")
-    request, notes = fitted(shot, shot.to_request(), model)
+    request, notes = fitted(shot, shot.to_request(), model, media)
     check_references(media, session, body.project_id, shot.reference_images)
     payload = ShotJob(project_id=body.project_id, request=request, references=tuple(shot.reference_images),
                       notes=notes)  # fmt: skip

@@ -235,12 +235,12 @@ def delete_element(element_id: str, session: SessionDep) -> ElementDeleted:
 
 @router.post("/elements/{element_id}/visualize", summary="Queue a picture of the element (it becomes its image)")
 def visualize(element_id: str, body: VisualizeRequest, jobs: JobsDep, worker: WorkerDep, model: ModelDep,
-              session: SessionDep, idempotency_key: IdempotencyKey = None) -> Queued:  # fmt: skip
+              media: MediaDep, session: SessionDep, idempotency_key: IdempotencyKey = None) -> Queued:  # fmt: skip
     submission = Submission.of(idempotency_key, f"/elements/{element_id}/visualize", body)
     if (earlier := earlier_job(session, submission)) is not None:
         return Queued(job_id=earlier.id, status="queued")
     element = _element(session, element_id)
-    request, notes = fitted(body, body.to_request(body.prompt_override or visual_prompt(element)), model)
+    request, notes = fitted(body, body.to_request(body.prompt_override or visual_prompt(element)), model, media)
     payload = VisualizeJob(project_id=element.project_id, element_id=element.id, request=request, notes=notes)
     return queue_job(jobs, worker, payload, submission=submission, session=session)
 

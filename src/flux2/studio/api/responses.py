@@ -203,3 +203,9 @@ class FoundObjects(BaseModel):
     objects: list[FoundObject]
     count: int | None = None
     prompt: str | None = None
+
+
+class LoraOnOffer(BaseModel):
+    name: str  # what a job's `loras[i].name` names
+    size_bytes: int
+    modified: EpochSeconds

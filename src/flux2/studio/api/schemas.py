@@ -9,8 +9,17 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from flux2.request import PIXELS_PER_TOKEN, PROMPT_MAX_CHARS, TRUE_CFG_DEFAULT, GenerationRequest, request_params
+from flux2.request import (
+    LORA_STRENGTH_LIMIT,
+    PIXELS_PER_TOKEN,
+    PROMPT_MAX_CHARS,
+    TRUE_CFG_DEFAULT,
+    GenerationRequest,
+    LoraChoice,
+    request_params,
+)
 
+MAX_LORAS = 8  # per job: each one adds its low-rank products to every layer it touches
 PROJECT_SEED_MAX = 2**63 - 1  # a project's seed is stored in an SQL INTEGER: a signed 64-bit number
 TRIGGER_MAX_CHARS = 100
 REQUEST_FIELD = "x-request-field"  # in a body field's JSON schema: the GenerationRequest field it is
@@ -37,15 +46,23 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+class LoraBody(Body):
+    name: str = Field(min_length=1, max_length=255, description="a file in the service's LoRA folder (GET /loras)")
+    strength: float = Field(1.0, ge=-LORA_STRENGTH_LIMIT, le=LORA_STRENGTH_LIMIT)
+
+
 class GenerationBody(Body):
     """A body with generation fields, converted into a GenerationRequest by its `to_request`."""
 
     # Request fields set from a body field of another name, besides the `request_field`s (error messages).
     derived_names: ClassVar[dict[str, str]] = {}
+    # Not sent by the studio app's front end; for other clients. Files are looked up when the job is queued.
+    loras: list[LoraBody] = Field(default_factory=list, max_length=MAX_LORAS)
 
     def request_values(self) -> dict[str, Any]:
-        """The generation fields, under GenerationRequest's names."""
-        return {request: getattr(self, name) for name, request in self.field_names().items()}
+        """The generation fields, under GenerationRequest's names; a LoRA by its name in the LoRA folder."""
+        values = {request: getattr(self, name) for name, request in self.field_names().items()}
+        return values | {"loras": tuple(LoraChoice(lora.name, lora.strength) for lora in self.loras)}
 
     @classmethod
     def field_names(cls) -> dict[str, str]:
