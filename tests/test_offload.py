@@ -107,3 +107,17 @@ def test_without_offload_everything_stays_on_the_device(offloaded):
     assert all(set(devices.values()) == {"meta"} for _, devices in seen)
     with pytest.raises(AssertionError):
         check(seen)
+
+
+def test_only_the_text_encoder_can_be_offloaded(offloaded):
+    """It runs once per new prompt: the cheapest model to keep away from the device."""
+    parts = {name: getattr(offloaded, name).to("meta") for name in ("flow_model", "ae")}
+    pipe = Flux2Pipeline("tiny", device="meta", dtype=torch.float32, watermark=None,
+                         text_encoder=offloaded.text_encoder, **parts)  # fmt: skip
+    offload.cpu_offload(pipe, parts=("text_encoder",))
+    for name, devices in placements(pipe):
+        expected = {"text_encoder", "flow_model", "ae"} if name == "text_encoder" else {"flow_model", "ae"}
+        assert {model for model, device in devices.items() if device == "meta"} == expected, (name, devices)
+    assert next(pipe.text_encoder.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="parts must be among text_encoder, ae, flow_model, got vae"):
+        offload.cpu_offload(pipe, parts=("vae",))

@@ -52,6 +52,19 @@ def test_several_images_each_reproducible_from_its_seed(pipe):
     assert np.array_equal(pixels(outs[2]), pixels(single))
 
 
+def test_a_repeated_prompt_is_not_encoded_again(pipe):
+    calls = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(args))
+    try:
+        [first] = pipe.generate("a lighthouse in fog", width=32, height=32, seed=1)
+        [second] = pipe.generate("a lighthouse in fog", width=32, height=32, seed=1)
+        assert len(calls) == 1 and pixels(first).tobytes() == pixels(second).tobytes()
+        pipe.generate("a lighthouse in rain", width=32, height=32, seed=1)
+        assert len(calls) == 2  # another prompt is encoded
+    finally:
+        handle.remove()
+
+
 def test_prompt_changes_the_image(pipe):
     a = pipe.generate("a fox", width=32, height=32, seed=1)[0]
     b = pipe.generate("a ship", width=32, height=32, seed=1)[0]

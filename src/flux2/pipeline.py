@@ -8,6 +8,7 @@ print(out.record.seed)
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROMPT_CACHE_SIZE = 4  # encoded prompts kept: a service or a REPL that repeats one skips the text encoder
 DEFAULT_WATERMARK = WatermarkConfig()  # the reference's message; the robust method (see flux2.watermark)
 
 
@@ -215,6 +217,7 @@ class Flux2Pipeline:
         self.dtype = dtype or default_dtype(self.info, self.device)
         self.stage_hooks: list[StageHook] = []  # contexts every stage runs in (flux2.transforms)
         self._lora_files: LoraFiles | None = None  # made on first use of a LoRA
+        self._encoded: OrderedDict[tuple, Tensor] = OrderedDict()  # (encoder, texts) -> context, newest last
         if not self.info.needs_files:
             log.warning("model %r has random weights: it is a self-test and produces noise images", self.info.name)
         paths = self._locate(weights_dir, flow_model, ae, text_encoder)
@@ -424,13 +427,20 @@ class Flux2Pipeline:
         return _Conditioning(text, refs, source, ip_tokens)
 
     def _encode_text(self, plan: _Plan, report: "_Reporter") -> Tokens:
+        """The prompt's tokens; a prompt encoded in one of the last few calls is not encoded again (the
+        encoder is deterministic), so its stage, and an offloaded encoder's trip to the device, are skipped."""
         report(Progress("encode_text", 0, 1))
-        with self._stage("encode_text"):
-            if plan.cfg is not None:  # [uncond; cond], uncond first as in the reference
-                ctx = self.text_encoder([plan.request.negative_prompt or "", plan.text])
-            else:
-                ctx = self.text_encoder([plan.text])
-        ctx = ctx.to(self.device, self.dtype)  # [1, L, C], or [2, L, C] = [uncond; cond] with CFG
+        # [uncond; cond], uncond first as in the reference
+        texts = (plan.request.negative_prompt or "", plan.text) if plan.cfg is not None else (plan.text,)
+        key = (id(self.text_encoder), texts)
+        if (ctx := self._encoded.get(key)) is None:
+            with self._stage("encode_text"):
+                ctx = self.text_encoder(list(texts))
+            ctx = ctx.to(self.device, self.dtype)  # [1, L, C], or [2, L, C] = [uncond; cond] with CFG
+            self._encoded[key] = ctx
+            while len(self._encoded) > PROMPT_CACHE_SIZE:
+                self._encoded.popitem(last=False)
+        self._encoded.move_to_end(key)
         report(Progress("encode_text", 1, 1))
         return Tokens(*batched_prc_txt(ctx))
 

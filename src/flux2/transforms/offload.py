@@ -21,16 +21,17 @@ STAGE_MODELS = {
     "sample": ("flow_model", "ae"),  # denoise, then decode, image after image
 }
 HOME = torch.device("cpu")
+MODELS = tuple(dict.fromkeys(name for names in STAGE_MODELS.values() for name in names))
 
 
 class CPUOffload:
     """A pipeline stage hook: the stage's models on `device` for the stage, on the CPU otherwise."""
 
-    def __init__(self, pipe, device: torch.device):
-        self.pipe, self.device = pipe, torch.device(device)
+    def __init__(self, pipe, device: torch.device, parts: tuple[str, ...] = MODELS):
+        self.pipe, self.device, self.parts = pipe, torch.device(device), parts
 
     def models(self, stage: str) -> list[nn.Module]:
-        return [getattr(self.pipe, name) for name in STAGE_MODELS.get(stage, ())]
+        return [getattr(self.pipe, name) for name in STAGE_MODELS.get(stage, ()) if name in self.parts]
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -44,11 +45,14 @@ class CPUOffload:
                 torch.cuda.empty_cache()
 
 
-def cpu_offload(pipe, device: str | torch.device | None = None) -> CPUOffload:
-    """Move the pipeline's models to the CPU and have every stage bring the ones it runs to `device` (default:
-    the pipeline's device) for its duration. Returns the hook (it is also in `pipe.stage_hooks`)."""
-    hook = CPUOffload(pipe, device if device is not None else pipe.device)
-    for name in dict.fromkeys(name for names in STAGE_MODELS.values() for name in names):
+def cpu_offload(pipe, device: str | torch.device | None = None, parts: tuple[str, ...] = MODELS) -> CPUOffload:
+    """Move the pipeline's models (or only `parts`, e.g. ("text_encoder",): it runs once per new prompt) to the
+    CPU and have every stage bring the ones it runs to `device` (default: the pipeline's device) for its
+    duration. Returns the hook (it is also in `pipe.stage_hooks`)."""
+    if unknown := sorted(set(parts) - set(MODELS)):
+        raise ValueError(f"cpu_offload parts must be among {', '.join(MODELS)}, got {', '.join(unknown)}")
+    hook = CPUOffload(pipe, device if device is not None else pipe.device, tuple(parts))
+    for name in parts:
         getattr(pipe, name).to(HOME)
     pipe.stage_hooks.append(hook)
     return hook
