@@ -347,11 +347,40 @@ class Flux2Pipeline:
         request = request.resolve(self.info)
         if request.true_cfg_scale is not None:
             log.warning("true CFG on %s runs the model twice per step: about twice the time", self.info.name)
-        plan = self._plan(request)
-        if request.loras or self._lora_files is not None:
-            files = self.lora_files()
-            plan = replace(plan, loras=files.record(files.use(request.loras)))
-        return self._generate(plan, _Reporter(callback, cancel))
+        return self._generate(self._with_loras(self._plan(request)), _Reporter(callback, cancel))
+
+    def generate_many(self, prompts: Sequence[str], *, batch_size: int = 4, callback: ProgressCallback | None = None,
+                      cancel: threading.Event | None = None, **settings) -> list[GeneratedImage]:  # fmt: skip
+        """Text-to-image for several prompts: one image per prompt per seed (`seed`, `num_images` as in
+        `generate`), in prompt order. Where the run allows it (no CFG, no references: a distilled model's plain
+        text-to-image) `batch_size` prompts are denoised together in one batch, for throughput; otherwise one
+        after another. A batched image is its single run's up to the rounding of batched matrix products."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("generate_many needs a list of prompts (for one prompt use generate)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        requests = [GenerationRequest.from_settings("generate", prompt=p, **settings).resolve(self.info)
+                    for p in prompts]  # fmt: skip
+        together = all(self._batchable(request) for request in requests)
+        size = batch_size if together else 1
+        report, outputs = _Reporter(callback, cancel), []
+        try:
+            for first in range(0, len(requests), size):
+                plans = [self._with_loras(self._plan(request)) for request in requests[first : first + size]]
+                outputs += self._generate_together(plans, report) if together else self._generate(plans[0], report)
+        except GenerationCancelled as cancelled:
+            raise GenerationCancelled(str(cancelled), completed=outputs + cancelled.completed) from None
+        return outputs
+
+    def _batchable(self, request: GenerationRequest) -> bool:
+        return (request.mode == "generate" and request.cfg_scale(self.info) is None and not request.reference_images
+                and not request.ip_adapter_images)  # fmt: skip
+
+    def _with_loras(self, plan: _Plan) -> _Plan:
+        if not plan.request.loras and self._lora_files is None:
+            return plan
+        files = self.lora_files()
+        return replace(plan, loras=files.record(files.use(plan.request.loras)))
 
     def fuse_loras(self, loras: Sequence[LoraChoice | str | tuple[str, float]]) -> None:
         """Merge LoRAs into the transformer's weights: every request runs at full speed with them, until
@@ -370,11 +399,7 @@ class Flux2Pipeline:
 
     def _generate(self, plan: _Plan, report: "_Reporter") -> list[GeneratedImage]:
         self.safety.prepare()
-        self._screen(plan.request.prompt, plan.references + ([plan.source.image] if plan.source else []))
-        if plan.request.upsample and self.upsampler is not None:
-            plan = self._upsample(plan, report)
-            if plan.text != plan.request.prompt:  # the text the model will see, written by another model
-                self._screen(plan.text, [])
+        plan = self._screened_and_upsampled(plan, report)
         outputs: list[GeneratedImage] = []
         with torch.inference_mode():
             cond = self._condition(plan, report)
@@ -382,11 +407,41 @@ class Flux2Pipeline:
             with self._stage("sample"):
                 for seed in plan.request.seeds:
                     try:
-                        latents = self._denoise(plan, seed, cond, report)
+                        latents = self._denoise(plan, [seed], cond, report)
                         outputs.append(self._finish(self._decode(latents, report), plan, seed))
                     except GenerationCancelled as cancelled:
                         raise GenerationCancelled(str(cancelled), completed=outputs) from None
         return outputs
+
+    def _generate_together(self, plans: list[_Plan], report: "_Reporter") -> list[GeneratedImage]:
+        """Plain text-to-image for several prompts (one batch per seed offset); results in prompt order."""
+        self.safety.prepare()
+        plans = [self._screened_and_upsampled(plan, report) for plan in plans]
+        done: dict[tuple[int, int], GeneratedImage] = {}
+        with torch.inference_mode():
+            texts = [self._encode_text(plan, report) for plan in plans]
+            cond = _Conditioning(Tokens(torch.cat([t.tokens for t in texts]), torch.cat([t.ids for t in texts])),
+                                 refs=None, source=None, ip_tokens=None)  # fmt: skip
+            with self._stage("sample"):
+                for i in range(plans[0].request.num_images):
+                    seeds = [plan.request.seeds[i] for plan in plans]
+                    try:
+                        latents = self._denoise(plans[0], seeds, cond, report)
+                        for b, (plan, seed) in enumerate(zip(plans, seeds, strict=True)):
+                            one = Tokens(latents.tokens[b : b + 1], latents.ids[b : b + 1])
+                            done[b, i] = self._finish(self._decode(one, report), plan, seed)
+                    except GenerationCancelled as cancelled:
+                        raise GenerationCancelled(str(cancelled), completed=[done[k] for k in sorted(done)]) from None
+        return [done[key] for key in sorted(done)]
+
+    def _screened_and_upsampled(self, plan: _Plan, report: "_Reporter") -> _Plan:
+        """Screen the prompt and images; upsample the prompt (and screen the text another model wrote)."""
+        self._screen(plan.request.prompt, plan.references + ([plan.source.image] if plan.source else []))
+        if plan.request.upsample and self.upsampler is not None:
+            plan = self._upsample(plan, report)
+            if plan.text != plan.request.prompt:
+                self._screen(plan.text, [])
+        return plan
 
     # ------------------------------------------------------------------ preparation
 
@@ -477,11 +532,13 @@ class Flux2Pipeline:
                             "regenerated; use mask_blur > 0 or a wider mask")  # fmt: skip
         return _SourceLatents(latents.to(self.device, self.dtype), ids, mask)
 
-    def _start(self, plan: _Plan, seed: int, source: _SourceLatents | None) -> _Start:
-        """Seeded noise drawn on the CPU in float32 in the patchified layout [1, C, h, w], then packed and
-        moved (a seed gives the same noise on every device); an edit starts part-way, from the noised source."""
+    def _start(self, plan: _Plan, seeds: list[int], source: _SourceLatents | None) -> _Start:
+        """Seeded noise drawn on the CPU in float32 in the patchified layout [1, C, h, w] per seed (stacked for
+        a batch), then packed and moved (a seed gives the same noise on every device); an edit starts part-way,
+        from the noised source."""
         shape = (1, self.flow_model.in_channels, plan.height // PIXELS_PER_TOKEN, plan.width // PIXELS_PER_TOKEN)
-        noise, ids = batched_prc_img(torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)))
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds])
+        noise, ids = batched_prc_img(noise)
         noise, ids = noise.to(self.device, self.dtype), ids.to(self.device)
         timesteps = get_schedule(plan.request.num_steps, noise.shape[1])
         if source is None:
@@ -492,8 +549,8 @@ class Flux2Pipeline:
         blend = _known_region(source.latents, noise, source.mask) if source.mask is not None else None
         return _Start(x, ids, timesteps, blend)
 
-    def _denoise(self, plan: _Plan, seed: int, cond: _Conditioning, report: "_Reporter") -> Tokens:
-        start = self._start(plan, seed, cond.source)
+    def _denoise(self, plan: _Plan, seeds: list[int], cond: _Conditioning, report: "_Reporter") -> Tokens:
+        start = self._start(plan, seeds, cond.source)
         steps = len(start.timesteps) - 1
         report(Progress("denoise", 0, steps))
 

@@ -15,6 +15,7 @@ GENERATE_EXAMPLES = """examples:
   flux2 generate "a red fox in the snow" --seed 7 -o fox.png
   flux2 generate "a bakery sign at dawn" --model flux.2-klein-base-4b --steps 28 --negative-prompt blurry
   flux2 generate "a lighthouse" --num-images 4 --format jpeg -o shots/ --json
+  flux2 generate --prompt-file prompts.txt --seed 7 -o shots/      # one image per line, batched
 """
 EDIT_EXAMPLES = """examples:
   flux2 edit "make it night time" -i fox.png -o night.png
@@ -39,7 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _request_options(p: argparse.ArgumentParser, images_required: bool) -> None:
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="what to make (or --prompt-file)")
+    p.add_argument("--prompt-file", type=Path, help="a text file of prompts, one per line (# starts a comment)")
     p.add_argument(
         "-i", "--image", action="append", default=[], type=Path, required=images_required,
         help="reference image (repeat for several)",
@@ -63,15 +65,35 @@ def run(args: argparse.Namespace) -> int:
     name = model_name(args)
     target = output_target(args.output, args.format)
     images = tuple(open_image(path, f"input image {i}") for i, path in enumerate(args.image))
-    request = request_from_args(args, prompt=args.prompt, reference_images=images).resolve(model_info(name))
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    request = request_from_args(args, prompt=prompts[0], reference_images=images).resolve(model_info(name))
+    for prompt in prompts[1:]:
+        request.with_inputs(prompt=prompt)  # each line is checked (its length) before anything loads
     check_lora_files(request.loras)
     with TerminalProgress(enabled=not args.json) as progress:
         pipe = open_pipeline(args, name, progress=progress)
-    result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json)
+    many = prompts if args.prompt_file else None
+    result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json, prompts=many)
     report(result, as_json=args.json)
     if result.cancelled:
         return 130
     return NOTHING_WRITTEN if result.outputs and all(path is None for path in result.paths) else 0
+
+
+def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    """The prompt, or the file's non-empty lines that are not comments."""
+    if (prompt is None) == (prompt_file is None):
+        raise ValueError("give a prompt or --prompt-file, not both" if prompt else "give a prompt (or --prompt-file)")
+    if prompt_file is None:
+        return [prompt]
+    try:
+        lines = prompt_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompt-file {prompt_file}: cannot read it ({err})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompt-file {prompt_file} has no prompts (one per line; # starts a comment)")
+    return prompts
 
 
 def check_lora_files(loras) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from flux2.cli.output import Target, save_image
 from flux2.pipeline import Flux2Pipeline, GeneratedImage, GenerationCancelled
 from flux2.progress import TerminalProgress
-from flux2.request import GenerationRequest
+from flux2.request import GenerationRequest, request_params
 
 
 @dataclass
@@ -43,13 +43,19 @@ def cancel_on_interrupt() -> Iterator[threading.Event]:
 
 
 def generate_and_save(
-    pipe: Flux2Pipeline, target: Target, request: GenerationRequest, *, sidecar: bool, show_progress: bool
-) -> RunResult:
-    """Run `request` and save every image it returns, including those finished before a cancellation."""
+    pipe: Flux2Pipeline, target: Target, request: GenerationRequest, *, sidecar: bool, show_progress: bool,
+    prompts: list[str] | None = None,
+) -> RunResult:  # fmt: skip
+    """Run `request` (or, with `prompts`, its settings for each prompt, batched where the run allows) and save
+    every image it returns, including those finished before a cancellation."""
     cancelled = False
+    settings = {name: getattr(request, name) for name in request_params() if name != "prompt"}
     with cancel_on_interrupt() as cancel, TerminalProgress(enabled=show_progress) as progress:
         try:
-            outputs = pipe.run(request, callback=progress, cancel=cancel)
+            if prompts is None:
+                outputs = pipe.run(request, callback=progress, cancel=cancel)
+            else:
+                outputs = pipe.generate_many(prompts, callback=progress, cancel=cancel, **settings)
         except GenerationCancelled as stopped:
             outputs, cancelled = stopped.completed, True
     paths = [None if out.image is None else save_image(out.image, out.record.to_dict(), target, sidecar)
