@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = open_pipeline(args, name, progress=progress)
     many = prompts if args.prompt_file else None
     result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json, prompts=many)
+    report_step_cache(pipe)
     report(result, as_json=args.json)
     if result.cancelled:
         return 130
@@ -94,6 +95,15 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompt-file {prompt_file} has no prompts (one per line; # starts a comment)")
     return prompts
+
+
+def report_step_cache(pipe) -> None:
+    from flux2.transforms.step_cache import active_step_cache
+
+    if (cache := active_step_cache(pipe.flow_model)) is not None:
+        stats = cache.stats
+        print(f"step cache: skipped {stats['skipped']} of {stats['calls']} transformer calls (last image)",
+              file=sys.stderr)  # fmt: skip
 
 
 def check_lora_files(loras) -> None:

@@ -23,6 +23,28 @@ def add_model_options(p: argparse.ArgumentParser, *, model: bool = True) -> None
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16; fp32 on CPU-only tiny)")
     p.add_argument("--weights-dir", type=Path, help="folder holding the weights (default: $FLUX2_WEIGHTS_DIR)")
     p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until they run")
+    add_acceleration_options(p.add_argument_group("speed and memory"))
+
+
+def add_acceleration_options(p, unset_is_none: bool = False) -> None:
+    """One option per flux2.transforms.acceleration.Acceleration field. `unset_is_none`: an option not given is
+    None rather than its default (`flux2 serve`, whose settings may also come from the environment)."""
+    from flux2.transforms.acceleration import acceleration_fields
+
+    for name, spec in acceleration_fields().items():
+        flag, help = "--" + name.replace("_", "-"), spec.metadata["help"]
+        default = None if unset_is_none else spec.default
+        if spec.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", dest=name, default=default, help=help)
+        else:
+            kind = int if name == "threads" else float if name == "step_cache" else str
+            p.add_argument(flag, type=kind, dest=name, default=default, help=help)
+
+
+def acceleration_from_args(args: argparse.Namespace):
+    from flux2.transforms.acceleration import Acceleration, acceleration_fields
+
+    return Acceleration(**{name: getattr(args, name) for name in acceleration_fields()}).check()
 
 
 def add_feature_options(p: argparse.ArgumentParser) -> None:
@@ -84,7 +106,13 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
 
     check_device(args.device)
     warn_unused_options(args)
+    acceleration = acceleration_from_args(args)
+    acceleration.prepare()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if acceleration.block_offload and flow_model is None:  # on the CPU: the blocks then visit the GPU one by one
+        from flux2.util import load_flow_model
+
+        flow_model = load_flow_model(name, device="cpu", weights_dir=args.weights_dir, dtype=dtype)
     pipe = Flux2Pipeline(
         name, device=args.device, dtype=dtype, weights_dir=args.weights_dir, cpu_offload=args.cpu_offload,
         safety=_safety(args), watermark=None if args.no_watermark else DEFAULT_WATERMARK, flow_model=flow_model,
@@ -93,6 +121,7 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
     if pipe.device.type == "cpu" and pipe.info.needs_files and args.device is None:
         print("note: no GPU found, running on the CPU: expect minutes per image", file=sys.stderr)
     pipe.upsampler = upsampler_for(args, pipe, args.upsample)
+    acceleration.apply(pipe)
     return pipe
 
 

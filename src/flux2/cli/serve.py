@@ -4,6 +4,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from flux2.cli.options import add_acceleration_options
+from flux2.transforms.acceleration import acceleration_fields
+
 SERVE_EXAMPLES = """examples:
   flux2 serve                                        http://127.0.0.1:8000, data in ./studio-data
   flux2 serve --model tiny --port 8010               offline self-test (noise images)
@@ -37,6 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--upsample-model", help="local: model folder or Hub id; openrouter: the API's model name")
     p.add_argument("--upsample-url", help="openrouter: an OpenAI-compatible base URL (key: $OPENROUTER_API_KEY)")
+    add_acceleration_options(p.add_argument_group("speed and memory"), unset_is_none=True)
     p.set_defaults(handler=run)
 
 
@@ -50,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
         missing = f"the studio service needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
     names = ("host", "port", "data_dir", "database_url", "model", "device", "cors_origins", "api_token",
-             "segmentation_url", "upsample", "upsample_model", "upsample_url")  # fmt: skip
+             "segmentation_url", "upsample", "upsample_model", "upsample_url", *acceleration_fields())  # fmt: skip
     settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     from flux2.registry import model_info
 
     model_info(settings.model)  # an unknown model fails now, not at the first job
+    settings.acceleration()  # and a bad speed setting
     if settings.upsample == "none" and (settings.upsample_model or settings.upsample_url):
         print("warning: --upsample-model and --upsample-url have no effect without --upsample", file=sys.stderr)
     print(f"flux2 studio on http://{settings.host}:{settings.port} (data: {settings.data_dir.resolve()})")

@@ -45,6 +45,13 @@ class StudioSettings(BaseSettings):
     upsample: Literal["none", "local", "openrouter"] = "none"
     upsample_model: str | None = None  # local: a model folder or Hub id; openrouter: the API's model name
     upsample_url: str | None = Field(None, pattern=r"^https?://")  # openrouter: the API's base URL
+    # Speed and memory, as `flux2 generate`'s options (flux2.transforms.acceleration: defaults, help, checks).
+    threads: int | None = Field(None, ge=1)
+    compile: bool = False
+    attention: str = "auto"
+    step_cache: float = Field(0.0, ge=0, le=1)
+    block_offload: bool = False
+    offload_text_encoder: bool = False
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -60,6 +67,11 @@ class StudioSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    def acceleration(self):
+        from flux2.transforms.acceleration import Acceleration, acceleration_fields
+
+        return Acceleration(**{name: getattr(self, name) for name in acceleration_fields()}).check()
 
     @property
     def db_url(self) -> str:

@@ -51,14 +51,26 @@ class PipelineHolder:
     def get(self, report: Callable[[int, str], None]):
         with self._lock:
             if self._pipeline is None:
-                from flux2.pipeline import Flux2Pipeline
-
-                report(1, f"Loading {self.settings.model}")
-                self._pipeline = Flux2Pipeline(self.settings.model, device=self.settings.device)
+                self._pipeline = self._load(report)
             if not self._upsampler_set:
                 self._pipeline.upsampler = self._make_upsampler(self._pipeline)
                 self._upsampler_set = True
             return self._pipeline
+
+    def _load(self, report: Callable[[int, str], None]):
+        """The served model, with the settings' speed and memory transforms (as `flux2 generate`'s options)."""
+        from flux2.pipeline import Flux2Pipeline
+        from flux2.util import load_flow_model
+
+        acceleration = self.settings.acceleration()
+        acceleration.prepare()
+        report(1, f"Loading {self.settings.model}")
+        model = self.settings.model
+        # With block offload the transformer loads on the CPU; its blocks then visit the GPU one by one.
+        flow_model = load_flow_model(model, device="cpu") if acceleration.block_offload else None
+        pipe = Flux2Pipeline(model, device=self.settings.device, flow_model=flow_model)
+        acceleration.apply(pipe)
+        return pipe
 
     def enhancement_notes(self, request: GenerationRequest) -> tuple[str, ...]:
         """A note for the job's status when its request asks for enhancement that is off."""

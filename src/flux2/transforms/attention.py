@@ -4,28 +4,32 @@
     with attention_kernel("math"):       # the same, around any code (no pipeline)
         denoise(model, ...)
 
-auto | math | efficient | flash | cudnn are PyTorch's own SDPA kernels, selected with
-`torch.nn.attention.sdpa_kernel`. `auto` is PyTorch's
-default: on CUDA it picks flash, cuDNN or memory-efficient by shape and dtype; on the CPU its fused (flash) CPU
-kernel or the math one. A named kernel that cannot run the inputs raises "No available kernel" from PyTorch
-rather than silently falling back; `available_kernels()` probes which ones can run here.
+auto | math | efficient | flash | cudnn are PyTorch's own SDPA kernels, forced with
+`torch.nn.attention.sdpa_kernel`. `auto` is PyTorch's default: on CUDA it picks flash, cuDNN or memory-efficient by
+shape and dtype; on the CPU its fused (flash) CPU kernel or the math one. A forced kernel that cannot run the
+inputs raises PyTorch's RuntimeError ("No viable backend") rather than silently falling back;
+`available_kernels()` probes which ones run here. sage (SageAttention, `pip install sageattention`) and fa3
+(FlashAttention-3, Hopper GPUs, built from flash-attention's `hopper/`: module `flash_attn_interface`) are other
+libraries' functions, used only when importable.
 
-sage (SageAttention, `pip install sageattention`) and fa3 (FlashAttention-3, Hopper GPUs, built from
-flash-attention's `hopper/`: module `flash_attn_interface`) are other libraries' functions. For them the stage
-swaps the function the model calls, `flux2.model.sdpa`, and puts the original back afterwards.
+How: for the stage, the function the transformer calls for attention, `flux2.model.sdpa`, is swapped for one that
+runs the chosen kernel, and put back afterwards. The swap reaches the transformer only: the "sample" stage also
+decodes, and the autoencoder's attention (head dim 512, fp32: no flash kernel takes it) keeps PyTorch's choice.
+`sdpa_kernel` is entered inside the swapped function, per attention call (a few flag writes, nothing next to the
+attention itself); torch.compile traces it into the graph, and Dynamo guards on the `sdpa` global, so a compiled
+model recompiles for a new choice: choose before `warm_up`.
 
-Not thread-safe: both the SDPA flags that `sdpa_kernel` sets and the `flux2.model.sdpa` swap are process-wide,
-so a stage must not overlap a run with another choice in another thread (the pipeline's users serialise runs
-on one lock or one worker); two overlapping stages could also restore each other's state out of order. A compiled model picks the swap up by recompiling
-(Dynamo guards on the global), and bakes the SDPA kernel chosen at tracing into its graph: choose before warm-up.
+Not thread-safe: the swap is a module global and the SDPA flags are process-wide, so a stage must not overlap a
+run with another choice in another thread (the pipeline's users serialise runs on one lock or one worker);
+overlapping stages could also restore each other's state out of order.
 """
 
-import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -60,7 +64,20 @@ def _fa3(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-LIBRARY_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {"sage": _sage, "fa3": _fa3}
+def _forced(backend: SDPBackend) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return sdpa
+
+
+# name -> the function that stands in for flux2.model.sdpa
+KERNEL_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    **{name: _forced(backend) for name, backend in SDPA_KERNELS.items()},
+    "sage": _sage,
+    "fa3": _fa3,
+}
 
 
 def check_name(name: str) -> None:
@@ -87,11 +104,7 @@ def swapped_sdpa(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Iterator[Non
 def attention_kernel(name: str):
     """A context in which the transformer's attention runs `name` (see NAMES)."""
     check_name(name)
-    if name == "auto":
-        return nullcontext()
-    if name in SDPA_KERNELS:
-        return sdpa_kernel([SDPA_KERNELS[name]])
-    return swapped_sdpa(LIBRARY_FUNCTIONS[name])
+    return nullcontext() if name == "auto" else swapped_sdpa(KERNEL_FUNCTIONS[name])
 
 
 class AttentionBackend:
@@ -123,7 +136,7 @@ def available_kernels(device: str | torch.device = "cpu", dtype: torch.dtype = t
         try:
             with attention_kernel(name):
                 flux2_model.sdpa(q, q, q)
-        except (ImportError, RuntimeError):  # not installed; "No available kernel" / unsupported device or dtype
+        except (ImportError, RuntimeError):  # not installed; "No viable backend" for this device or dtype
             continue
         found.append(name)
     return found

@@ -5,10 +5,11 @@ instance: torch >= 2.5 inlines nn.Modules and passes their parameters as graph i
 the first double block is reused by the other seven (and by any other model's). Compile time is that of one
 double and one single block whatever the depth, as with diffusers' `compile_repeated_blocks`.
 
-Shapes: the sequence dimension (image tokens, which vary with the image size and the reference images) is marked
-dynamic before every block call, so the first compilation already serves every image size; nothing recompiles
-per request. `dynamic=False` compiles one static graph per size instead: that is what CUDA graphs want
-(`mode="reduce-overhead"`, GPU only), for a service that runs a few fixed sizes, each warmed up.
+Shapes: the sequence dimensions (image tokens vary with the image size and the reference images, text tokens with
+IP-Adapter images) are marked dynamic before every block call, so the first compilation already serves every
+image size; nothing recompiles per request. `dynamic=False` compiles one static graph per size instead: that is
+what CUDA graphs want (`mode="reduce-overhead"`, GPU only), for a service that runs a few fixed sizes, each warmed
+up.
 
     compile_pipeline(pipe)                              # pipe.flow_model's blocks; the first call compiles
     warm_up(pipe, [(1024, 1024), (768, 1360)])          # ... or pay for it before the first request
@@ -28,10 +29,10 @@ from torch import Tensor, nn
 from flux2.model import DoubleStreamBlock, Flux2, SingleStreamBlock
 from flux2.sampling import PIXELS_PER_TOKEN, batched_prc_img, batched_prc_txt
 
-# The block classes compiled and, for each, the positional arguments whose length follows the image size:
-# argument index -> its sequence dimension.
+# The block classes compiled and, for each, the positional arguments whose length varies between requests (image
+# size, reference images, IP-Adapter tokens appended to the text): argument index -> its sequence dimension.
 SEQUENCE_DIMS: dict[type[nn.Module], dict[int, int]] = {
-    DoubleStreamBlock: {0: 1, 2: 2},  # img [B, L_img, H]; pe [B, 1, L_txt + L_img, D/2, 2, 2]
+    DoubleStreamBlock: {0: 1, 1: 1, 2: 2},  # img [B, L_img, H]; txt [B, L_txt, H]; pe [B, 1, L_txt + L_img, D/2, 2, 2]
     SingleStreamBlock: {0: 1, 1: 2},  # x [B, L_txt + L_img, H]; pe
 }
 WARM_UP_TXT_LEN = 512  # text tokens of a bare-model warm-up: the text encoders pad every prompt to 512
@@ -48,7 +49,7 @@ class CompileSettings:
 
 class CompiledForward:
     """A block's `forward`, set as an instance attribute that shadows the class's: marks the sequence dimensions
-    dynamic (outside the compiled region, so it costs no guard) and calls the class's shared compiled forward."""
+    dynamic (in plain Python, outside the compiled region) and calls the class's shared compiled forward."""
 
     def __init__(self, block: nn.Module, compiled: Callable, settings: CompileSettings):
         self.block, self.compiled, self.settings = block, compiled, settings
@@ -62,7 +63,8 @@ class CompiledForward:
 
 
 def blocks(model: Flux2) -> list[nn.Module]:
-    return [*model.double_blocks, *model.single_blocks]
+    """The block modules themselves, also under a block transform (whose lists yield wrapped calls)."""
+    return [*model.double_blocks.children(), *model.single_blocks.children()]
 
 
 def compiled_settings(model: Flux2) -> CompileSettings | None:
@@ -126,14 +128,16 @@ def warm_up(target, sizes: Iterable[tuple[int, int]], *, txt_len: int = WARM_UP_
     """
     if isinstance(target, nn.Module):
         for width, height in sizes:
-            _forward_random(target, width, height, txt_len)
+            target(*random_inputs(target, width, height, txt_len))
         return
     one_step = {} if "num_steps" in target.info.fixed_params else {"num_steps": 1}
     for width, height in sizes:
         target.generate("warm-up", width=width, height=height, seed=0, upsample=False, **one_step)
 
 
-def _forward_random(model: Flux2, width: int, height: int, txt_len: int) -> Tensor:
+def random_inputs(model: Flux2, width: int, height: int, txt_len: int) -> tuple[Tensor, ...]:
+    """Arguments of one `model(...)` call for a width x height image and txt_len text tokens, on the model's
+    device and in its dtype: (img, img_ids, timesteps, ctx, ctx_ids, guidance or None)."""
     p, weight = model.params, next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(1, p.in_channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN, generator=gen)
@@ -142,4 +146,4 @@ def _forward_random(model: Flux2, width: int, height: int, txt_len: int) -> Tens
     to = dict(device=weight.device, dtype=weight.dtype)
     guidance = torch.full((1,), 4.0, **to) if p.use_guidance_embed else None
     timestep = torch.full((1,), 0.5, **to)
-    return model(img.to(**to), img_ids.to(weight.device), timestep, ctx.to(**to), ctx_ids.to(weight.device), guidance)
+    return img.to(**to), img_ids.to(weight.device), timestep, ctx.to(**to), ctx_ids.to(weight.device), guidance

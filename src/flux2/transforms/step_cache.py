@@ -32,44 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flux2.transforms.blocks import InterceptedBlocks, intercept, restore
+
 # The entry points of Flux2 that run the blocks; each takes the timesteps [B] as its third argument.
 ENTRY_POINTS = ("forward", "forward_kv_extract", "forward_kv_cached")
 TIMESTEPS_ARG = 2
-
-
-class InterceptedBlocks(nn.ModuleList):
-    """The very same blocks (same children, same state_dict keys), but iterating yields `around(i, block)`.
-
-    `Flux2._run` calls its blocks by iterating `double_blocks` / `single_blocks`, so a transform that swaps in one
-    of these sees every block call without model.py knowing. Lists nest: the inner list's iteration (itself
-    perhaps intercepted) is what gets wrapped, so transforms compose and come off in reverse order.
-    """
-
-    def __init__(self, inner: nn.ModuleList, around: Callable[[int, Callable], Callable], owner: object):
-        super().__init__()
-        self._modules = inner._modules  # shared: indexing, .to(), state_dict all see the original blocks
-        self.__dict__["inner"] = inner  # not a child: its blocks are already ours
-        self.__dict__["around"] = around
-        self.__dict__["owner"] = owner
-
-    def __iter__(self) -> Iterator[Callable]:
-        for i, block in enumerate(self.inner):
-            yield functools.partial(self.around, i, block)
-
-
-def intercept(model: nn.Module, owner: object, around_double, around_single) -> None:
-    model.double_blocks = InterceptedBlocks(model.double_blocks, around_double, owner)
-    model.single_blocks = InterceptedBlocks(model.single_blocks, around_single, owner)
-
-
-def restore(model: nn.Module, owner_type: type) -> object:
-    """Undo `intercept` for the transform of `owner_type`, which must be the last one applied; returns its owner."""
-    blocks = model.double_blocks
-    if not isinstance(blocks, InterceptedBlocks) or not isinstance(blocks.owner, owner_type):
-        applied = type(blocks.owner).__name__ if isinstance(blocks, InterceptedBlocks) else "nothing"
-        raise ValueError(f"the last block transform on this model is {applied}, not {owner_type.__name__}")
-    model.double_blocks, model.single_blocks = blocks.inner, model.single_blocks.inner
-    return blocks.owner
 
 
 @dataclass
@@ -81,6 +48,8 @@ class _Slot:
 
 
 class StepCache:
+    """The skip decision and the cached residuals of every pass; `double` / `single` run in place of the blocks."""
+
     def __init__(self, num_single: int, threshold: float):
         if not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
@@ -181,6 +150,17 @@ def disable_step_cache(model: nn.Module) -> StepCache:
     for name in ENTRY_POINTS:
         del model.__dict__[name]  # the class's method shows through again
     return cache
+
+
+def active_step_cache(model: nn.Module) -> StepCache | None:
+    """The step cache enabled on `model`, under any other block transforms; None if there is none (for a
+    pipeline to report `stats` without keeping the cache itself)."""
+    blocks = model.double_blocks
+    while isinstance(blocks, InterceptedBlocks):
+        if isinstance(blocks.owner, StepCache):
+            return blocks.owner
+        blocks = blocks.inner
+    return None
 
 
 def _announcing(method: Callable, cache: StepCache) -> Callable:
