@@ -21,8 +21,10 @@ def test_cli_options_change_nothing_in_the_image_when_they_are_exact(tmp_path, c
     same = flux2("generate", "a fox", *SMALL, *options, "-o", "same.png", cwd=tmp_path, env=cli_env)
     assert same.returncode == 0, same.stderr
     assert Image.open(tmp_path / "plain.png").tobytes() == Image.open(tmp_path / "same.png").tobytes()
-    cached = flux2("generate", "a fox", *SMALL, "--step-cache", "1", "-o", "cached.png", cwd=tmp_path, env=cli_env)
+    cached = flux2("generate", "a fox", *SMALL, "--step-cache", "1", "--memory-report", "-o", "cached.png",
+                   cwd=tmp_path, env=cli_env)  # fmt: skip
     assert cached.returncode == 0 and "step cache: skipped" in cached.stderr, cached.stderr
+    assert "peak memory per stage" in cached.stderr and "encode_text" in cached.stderr, cached.stderr
 
 
 @pytest.mark.parametrize(

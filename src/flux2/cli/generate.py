@@ -71,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
         request.with_inputs(prompt=prompt)  # each line is checked (its length) before anything loads
     check_lora_files(request.loras)
     with TerminalProgress(enabled=not args.json) as progress:
-        pipe = open_pipeline(args, name, progress=progress)
+        pipe, applied = open_pipeline(args, name, progress=progress)
     many = prompts if args.prompt_file else None
     result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json, prompts=many)
-    report_step_cache(pipe)
+    report_acceleration(applied)
     report(result, as_json=args.json)
     if result.cancelled:
         return 130
@@ -97,13 +97,14 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     return prompts
 
 
-def report_step_cache(pipe) -> None:
-    from flux2.transforms.step_cache import active_step_cache
-
-    if (cache := active_step_cache(pipe.flow_model)) is not None:
-        stats = cache.stats
+def report_acceleration(applied) -> None:
+    """What the speed and memory settings did, on stderr."""
+    if applied.step_cache is not None:
+        stats = applied.step_cache.stats
         print(f"step cache: skipped {stats['skipped']} of {stats['calls']} transformer calls (last image)",
               file=sys.stderr)  # fmt: skip
+    if applied.memory is not None:
+        print(f"peak memory per stage ({applied.memory.source}):\n{applied.memory.format()}", file=sys.stderr)
 
 
 def check_lora_files(loras) -> None:

@@ -99,7 +99,8 @@ def model_name(args: argparse.Namespace) -> str:
 
 
 def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_model=None):
-    """Load the model's pipeline as the options say, reporting each component to `progress`."""
+    """Load the model's pipeline as the options say, reporting each component to `progress`; returns it and what
+    its speed and memory settings put on it (flux2.transforms.acceleration.Applied: step cache, memory report)."""
     import torch
 
     from flux2.pipeline import DEFAULT_WATERMARK, Flux2Pipeline
@@ -121,8 +122,7 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
     if pipe.device.type == "cpu" and pipe.info.needs_files and args.device is None:
         print("note: no GPU found, running on the CPU: expect minutes per image", file=sys.stderr)
     pipe.upsampler = upsampler_for(args, pipe, args.upsample)
-    acceleration.apply(pipe)
-    return pipe
+    return pipe, acceleration.apply(pipe)
 
 
 def upsampler_for(args: argparse.Namespace, pipe, mode: str, model: str | None = None, **options):

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     with TerminalProgress() as progress:
         flow_model = _debug_model(info.name, args.device) if args.debug_mode else None
-        pipe = open_pipeline(args, info.name, progress=progress, flow_model=flow_model)
+        pipe, _ = open_pipeline(args, info.name, progress=progress, flow_model=flow_model)
     session = Session(pipe, config, target, args)
     if args.single_eval:
         return 0 if session.generate() else 1

@@ -31,6 +31,7 @@ class Acceleration:
     )  # fmt: skip
     block_offload: bool = setting(False, "keep the transformer's blocks on the CPU, a few at a time on the GPU")
     offload_text_encoder: bool = setting(False, "keep the text encoder on the CPU except while it encodes")
+    memory_report: bool = setting(False, "record the peak memory of each stage (GPU: allocated; CPU: resident)")
 
     def check(self) -> "Acceleration":
         """ValueError naming the setting and what is allowed."""
@@ -53,6 +54,7 @@ class Acceleration:
         from flux2.transforms.attention import attention_backend
         from flux2.transforms.block_offload import block_offload
         from flux2.transforms.compile import compile_pipeline
+        from flux2.transforms.memory import memory_report
         from flux2.transforms.offload import cpu_offload
         from flux2.transforms.step_cache import enable_step_cache
 
@@ -68,12 +70,15 @@ class Acceleration:
             pipe.stage_hooks.append(applied.step_cache)
         if self.block_offload:
             pipe.stage_hooks.append(block_offload(pipe.flow_model, pipe.device))
+        if self.memory_report:  # last, so it sees what the other hooks move
+            applied.memory = memory_report(pipe)
         return applied
 
 
 @dataclass
 class Applied:
     step_cache: object | None = None  # flux2.transforms.step_cache.StepCache, when on
+    memory: object | None = None  # flux2.transforms.memory.MemoryReport, when asked for
 
 
 def acceleration_fields() -> dict[str, object]:
