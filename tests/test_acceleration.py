@@ -33,6 +33,7 @@ def test_cli_options_change_nothing_in_the_image_when_they_are_exact(tmp_path, c
         (["--attention", "fastest"], "attention must be one of auto, math, efficient, flash, cudnn, sage, fa3"),
         (["--step-cache", "2"], "step_cache must be a threshold in [0, 1], got 2.0"),
         (["--threads", "0"], "threads must be a positive integer, got 0"),
+        (["--tiled-decode", "yes"], "tiled_decode must be one of auto, on, off, got 'yes'"),
     ],
 )
 def test_bad_settings_fail_before_loading(tmp_path, cli_env, args, message):
@@ -43,11 +44,13 @@ def test_bad_settings_fail_before_loading(tmp_path, cli_env, args, message):
 def test_apply_puts_the_transforms_on_a_pipeline_and_the_studio_uses_the_same_settings():
     pipe = Flux2Pipeline("tiny", device="cpu", watermark=None)
     [before] = pipe.generate("a fox", width=32, height=32, seed=1)
-    settings = StudioSettings(step_cache=0.0001, attention="math", offload_text_encoder=True)
+    settings = StudioSettings(step_cache=0.0001, attention="math", offload_text_encoder=True, tiled_decode="on")
     applied = settings.acceleration().apply(pipe)
+    assert pipe.tiling is True
     assert active_step_cache(pipe.flow_model) is applied.step_cache and applied.step_cache in pipe.stage_hooks
     [after] = pipe.generate("a fox", width=32, height=32, seed=1)
     assert applied.step_cache.stats["calls"] >= 1
+    # 32 px is one tile: tiling changes nothing here (its error is measured in test_tiling.py)
     assert np.abs(np.asarray(after.image, float) - np.asarray(before.image, float)).max() <= 1
     with pytest.raises(ValueError, match="attention must be one of"):
         Acceleration(attention="fastest").check()

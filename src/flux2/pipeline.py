@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flux2 import __version__
+from flux2.autoencoder import channels_last
 from flux2.editing import EditSource, edit_source, latent_mask
 from flux2.images import ImageInput, image_sha256, image_to_tensor, open_image_input, tensor_to_image
 from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
@@ -40,6 +41,7 @@ from flux2.sampling import (
     truncated_schedule,
 )
 from flux2.text_encoder import Mistral3SmallEmbedder
+from flux2.transforms.tiling import Tiling, decode
 from flux2.upsampling import PromptUpsampler, UpsampleResult
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
 from flux2.watermark import MIN_PIXELS, WatermarkConfig, embed
@@ -116,6 +118,15 @@ class GeneratedImage:
     image: Image.Image | None
     record: GenerationRecord
     flagged: SafetyVerdict | None = None
+
+    def save(self, path: str | Path, *, sidecar: bool = False) -> Path:
+        """Write the image with its provenance record inside (format from the suffix: .png, .jpg, .webp), and with
+        `sidecar` also as PATH.json; `image.save` would drop the record."""
+        from flux2.provenance import save_with_provenance
+
+        if self.image is None:
+            raise ValueError(f"seed {self.record.seed} was withheld by the safety policy: there is no image to save")
+        return save_with_provenance(self.image, path, self.record.to_dict(), sidecar=sidecar)
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,7 @@ class Flux2Pipeline:
         self.stage_hooks: list[StageHook] = []  # contexts every stage runs in (flux2.transforms)
         self._lora_files: LoraFiles | None = None  # made on first use of a LoRA
         self._encoded: OrderedDict[tuple, Tensor] = OrderedDict()  # (encoder, texts) -> context, newest last
+        self.tiling: Tiling = None  # decode in tiles: None above TilingConfig.auto_above_pixels, True / False forced
         if not self.info.needs_files:
             log.warning("model %r has random weights: it is a self-test and produces noise images", self.info.name)
         paths = self._locate(weights_dir, flow_model, ae, text_encoder)
@@ -225,6 +237,8 @@ class Flux2Pipeline:
         home = torch.device("cpu") if cpu_offload else self.device  # offloaded models load straight to the CPU
         self.text_encoder, self.flow_model, self.ae = self._load_missing(given, paths, home, progress).values()
         self._check_components()
+        if self.device.type == "cpu":  # oneDNN convolutions: NHWC is faster and lighter (benchmarks/ae_speed.py)
+            channels_last(self.ae)
         self.safety = self._safety_policy(safety)
         if cpu_offload:
             from flux2.transforms.offload import cpu_offload as offload
@@ -603,7 +617,7 @@ class Flux2Pipeline:
         report(Progress("decode", 0, 1))
         z = torch.cat(scatter_ids(latents.tokens, latents.ids)).squeeze(2)  # [B, C, h, w]
         ae_param = next(self.ae.parameters())
-        pixels = self.ae.decode(z.to(ae_param.device, ae_param.dtype)).float()
+        pixels = decode(self.ae, z.to(ae_param.device, ae_param.dtype), self.tiling).float()
         report(Progress("decode", 1, 1))
         return tensor_to_image(pixels[0])
 

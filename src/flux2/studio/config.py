@@ -52,6 +52,7 @@ class StudioSettings(BaseSettings):
     step_cache: float = Field(0.0, ge=0, le=1)
     block_offload: bool = False
     offload_text_encoder: bool = False
+    tiled_decode: str = "auto"
     memory_report: bool = False
 
     @field_validator("cors_origins", mode="before")

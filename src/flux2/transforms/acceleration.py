@@ -13,6 +13,7 @@ import torch
 
 from flux2.transforms.attention import NAMES as ATTENTION_NAMES
 
+TILED_DECODE = {"auto": None, "on": True, "off": False}  # -> Flux2Pipeline.tiling
 STEP_CACHE_MAX = 1.0  # a relative change of the first block's output: past 1 every step after the first is skipped
 
 
@@ -31,6 +32,7 @@ class Acceleration:
     )  # fmt: skip
     block_offload: bool = setting(False, "keep the transformer's blocks on the CPU, a few at a time on the GPU")
     offload_text_encoder: bool = setting(False, "keep the text encoder on the CPU except while it encodes")
+    tiled_decode: str = setting("auto", "decode in overlapping tiles: auto (images above 8 MP), on, off")
     memory_report: bool = setting(False, "record the peak memory of each stage (GPU: allocated; CPU: resident)")
 
     def check(self) -> "Acceleration":
@@ -39,6 +41,8 @@ class Acceleration:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.attention not in ATTENTION_NAMES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}, got {self.attention!r}")
+        if self.tiled_decode not in TILED_DECODE:
+            raise ValueError(f"tiled_decode must be one of {', '.join(TILED_DECODE)}, got {self.tiled_decode!r}")
         if not 0 <= self.step_cache <= STEP_CACHE_MAX:
             raise ValueError(f"step_cache must be a threshold in [0, {STEP_CACHE_MAX:g}], got {self.step_cache!r}")
         return self
@@ -59,6 +63,7 @@ class Acceleration:
         from flux2.transforms.step_cache import enable_step_cache
 
         applied = Applied()
+        pipe.tiling = TILED_DECODE[self.tiled_decode]
         if self.offload_text_encoder:
             cpu_offload(pipe, parts=("text_encoder",))
         if self.compile:  # first: the block transforms below wrap the compiled blocks
