@@ -287,3 +287,10 @@ def test_upsampling_mode_set_in_the_session(tmp_path, cli_env):
     assert "Upsampled prompt: a red fox in fresh snow, low sun" in result.stdout
     record = read_provenance(tmp_path / "output" / "flux2-2.png")
     assert (record["prompt"], record["upsampled_prompt"]) == ("a fox", "a red fox in fresh snow, low sun")
+
+
+def test_a_list_setting_takes_comma_separated_values():
+    assert parsed("seed_list=1,2,3")[0]["seed_list"] == (1, 2, 3)
+    assert parsed("seed_list=[]")[0]["seed_list"] == ()
+    with pytest.raises(ValueError, match="seed_list must be an integer"):
+        parsed("seed_list=1,x")

@@ -18,7 +18,6 @@ from flux2.request import GenerationRequest
 from flux2.sampling import PIXELS_PER_TOKEN
 
 MASK_WHITE = {"1": 255, "L": 255, "I;16": 65535, "I": 65535, "F": 1.0}  # single-channel modes and their white
-ASPECT_TOLERANCE = 0.02  # a mask may differ in size from its image, not in shape
 MAX_CROP_ASPECT = 4  # a crop around a thin mask is widened to at most this aspect ratio
 
 
@@ -33,16 +32,29 @@ def working_size(width: int, height: int, max_pixels: int, upscale: bool = False
     return w, h
 
 
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """The one mask rule (Python API, CLI, studio): a mask of the image's size, or of its aspect ratio within a
+    pixel of rounding (a half-size mask of an odd-sized image), is resized to the image; another shape is refused.
+    """
+    (mw, mh), (w, h) = mask_size, image_size
+    if (mw, mh) == (w, h):
+        return
+    # Scaled to the image's width (or height), the mask's other side must land within a pixel of the image's.
+    if min(mw, mh) < 1 or (abs(mh * w / mw - h) > 1 and abs(mw * h / mh - w) > 1):
+        raise ValueError(
+            f"mask is {mw}x{mh} px but the image is {w}x{h} px: give a mask of the image's size or of its aspect "
+            "ratio (it is then resized to the image)"
+        )
+
+
 def binary_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """The mask as black/white "L" at `size`: regenerate where it is at least half white (diffusers' rule).
 
-    It must be one channel; another size is resized if its shape matches the image's.
+    It must be one channel, of the image's size or aspect ratio (`check_mask_size`); it is resized to `size`.
     """
     mask = _single_channel(mask)
     if mask.size != size:
-        (mw, mh), (w, h) = mask.size, size
-        if abs(mw / mh - w / h) > ASPECT_TOLERANCE * (w / h):
-            raise ValueError(f"mask is {mw}x{mh} px but the image is {w}x{h} px: give a mask of the image's shape")
+        check_mask_size(mask.size, size)
         mask = mask.resize(size, Image.Resampling.NEAREST)
     grey = np.asarray(mask.convert("L") if mask.mode == "1" else mask, dtype=np.float32)
     return Image.fromarray(np.where(grey >= MASK_WHITE[mask.mode] / 2, 255, 0).astype(np.uint8), mode="L")

@@ -37,6 +37,9 @@ PROMPT_MAX_CHARS = 4000  # the text encoders keep 512 tokens; this is several ti
 WORK_PIXELS = 1024**2  # diffusers' inpaint cap: larger sources are edited at about 1 MP and scaled back
 TRUE_CFG_DEFAULT = 2.0  # the scale an HTTP client gets when it turns true CFG on without a scale above 1
 LORA_STRENGTH_LIMIT = 10.0  # trainers suggest 0.5-1.5; past 10 a LoRA only burns the image (a typo like 80)
+# Above this many output pixels a run takes many minutes and tens of GB (tokens grow with the area, attention with
+# its square): the CLI asks for --force. The Python API and the studio do not read it.
+LARGE_PIXELS = 4 * 1024**2
 
 Mode = Literal["generate", "img2img", "inpaint", "outpaint"]
 CfgMode = Literal["auto", "batched", "sequential"]
@@ -110,11 +113,16 @@ class Param:
     modes: frozenset[str] = ALL  # modes where a value other than the default may be given
     cli: bool = True  # an option of `flux2 generate` / `flux2 edit`
     flag_alias: str | None = None  # an older or shorter flag for the same option
+    many: bool = False  # a tuple of `kind` values, each checked against the bounds (on the CLI: comma-separated)
 
     def check(self, name: str, value: object) -> None:
         """ValueError naming the field, the value and what is allowed; None (the default) always passes."""
         if value is None or self.kind in (object, tuple):
             return  # images are checked when they are opened
+        if self.many:
+            for i, item in enumerate(value if isinstance(value, tuple) else [value]):
+                replace(self, many=False).check(f"{name}[{i}]", item)
+            return
         if self.kind is LoraChoice:
             for i, item in enumerate(value if isinstance(value, tuple) else [value]):
                 problem = "it must be a LoraChoice" if not isinstance(item, LoraChoice) else item.problem()
@@ -180,7 +188,8 @@ MARGIN = dict(kind=int, ge=0, le=MAX_SIDE, allowed="a whole number of px >= 0", 
 class GenerationRequest:
     """One generation: text-to-image, multi-reference editing, image-to-image, inpainting or outpainting.
 
-    Image i of `num_images` uses seed + i and is exactly what a single run with that seed gives.
+    Image i of `num_images` uses seed + i and is exactly what a single run with that seed gives; `seed_list`
+    names each image's seed instead (one image per seed: the prompt is encoded once for all of them).
     """
 
     prompt: str = param("", kind=str, max_length=PROMPT_MAX_CHARS, help="what to make", cli=False)
@@ -206,6 +215,16 @@ class GenerationRequest:
     )
     num_images: int = param(
         1, kind=int, ge=1, allowed="a positive integer", help="images to make; image i uses seed + i"
+    )
+    seed_list: tuple[int, ...] = param(
+        (),
+        kind=int,
+        ge=0,
+        le=MAX_SEED,
+        many=True,
+        flag_alias="--seeds",
+        allowed=f"an integer in [0, {MAX_SEED}] (several: 1,2,3)",
+        help="one image per seed, in this order (instead of seed and num_images)",
     )
     reference_images: tuple[ImageInput, ...] = param((), kind=tuple, help="reference images to edit with", cli=False)
     match_image_size: int | None = param(kind=int, ge=0, modes=GENERATE, allowed="a reference image index (0, 1, ...)",
@@ -296,6 +315,8 @@ class GenerationRequest:
         for name, spec in request_params().items():
             spec.check(name, getattr(self, name))
         self._check_mode()
+        if self.seed_list and (self.seed is not None or self.num_images not in (1, len(self.seed_list))):
+            raise ValueError("give either seed_list (--seeds) or seed and num_images, not both")
         if self.seed is not None and self.seed > MAX_SEED - (self.num_images - 1):
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED - self.num_images + 1}] for "
                              f"{self.num_images} images, got {self.seed!r}")  # fmt: skip
@@ -361,7 +382,8 @@ class GenerationRequest:
             height=None if sized else self.height or info.height,
             num_steps=info.num_steps if self.num_steps is None else self.num_steps,
             guidance=float(info.guidance if self.guidance is None else self.guidance),
-            seed=random.randrange(NEW_SEED_RANGE) if self.seed is None else self.seed,
+            seed=random.randrange(NEW_SEED_RANGE) if self.seed is None and not self.seed_list else self.seed,
+            num_images=len(self.seed_list) or self.num_images,  # the count of images, for code that counts
             negative_prompt=self.negative_prompt or None,  # "" is the default negative, not a request
             strength=self.strength if self.strength is not None else STRENGTH_DEFAULT.get(self.mode),
         )
@@ -416,6 +438,9 @@ class GenerationRequest:
 
     @property
     def seeds(self) -> list[int]:
+        """The seed of each image: `seed_list` as given, else seed, seed + 1, ... for `num_images`."""
+        if self.seed_list:
+            return list(self.seed_list)
         if self.seed is None:
             raise ValueError("the request has no seed yet: resolve it for a model first")
         return [self.seed + i for i in range(self.num_images)]
@@ -428,7 +453,8 @@ class GenerationRequest:
         params = request_params()
         if unknown := sorted(settings.keys() - params.keys()):
             raise ValueError(f"{what} does not take {', '.join(unknown)}; it takes {', '.join(sorted(params))}")
-        images = {name: tuple(value) for name, value in settings.items() if params[name].kind is tuple}
+        images = {name: tuple(value) for name, value in settings.items() if params[name].kind is tuple
+                  or (params[name].many and isinstance(value, list))}  # fmt: skip
         if "loras" in settings:
             images["loras"] = tuple(LoraChoice.of(item) for item in settings["loras"])
         return cls(**{**settings, **images})

@@ -89,11 +89,19 @@ def coerce_value(key: str, raw: str, say: Say = print) -> object:
         return mode
     if key == "openrouter_model":
         return raw.strip().strip("\"'")
-    kind = request_params()[REPL_KEYS[key]].kind
+    spec = request_params()[REPL_KEYS[key]]
+    kind = spec.kind
     if kind is tuple:
         return tuple(_existing_images(raw, say))
     if kind is LoraChoice:
         return tuple(_existing_loras(raw))
+    if spec.many:  # seed_list=1,2,3 (or [1, 2, 3]; [] clears)
+        items = [item.strip() for item in raw.strip().removeprefix("[").removesuffix("]").split(",") if item.strip()]
+        return tuple(coerce_one(key, item, kind) for item in items)
+    return coerce_one(key, raw, kind)
+
+
+def coerce_one(key: str, raw: str, kind: type) -> object:
     if kind in (int, float) and raw.strip().lower() in ("", "none"):
         return None
     try:

@@ -8,16 +8,21 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flux2 import __version__
-from flux2.cli import generate, info, models, repl, serve
+from flux2.cli import edit_modes, generate, info, models, repl, serve
 from flux2.cli.errors import describe
 
 EXAMPLES = """examples:
   flux2                                              interactive session (the reference's REPL)
   flux2 generate "a red fox in the snow" --seed 7 -o fox.png
   flux2 edit "make it night time" -i fox.png -o night.jpg
+  flux2 img2img "an oil painting" -i fox.png --strength 0.6
+  flux2 inpaint "a red hat" -i fox.png --mask hat.png
+  flux2 outpaint "a wide snowfield" -i fox.png --left 256 --right 256
+  flux2 generate "a fox" --seeds 1,2,3               one image per seed
   flux2 models                                       what is known, what is here, where
   flux2 download flux.2-klein-4b                     fetch the weights into the Hugging Face cache
   flux2 info fox.png                                 the image's provenance and watermark
+  flux2 info fox.png --rerun -o again.png            make the image again from its record
   flux2 serve                                        the studio service on http://127.0.0.1:8000
   FLUX2_MODEL=tiny flux2 generate "self-test"        offline, random weights: a noise image
 """
@@ -33,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flux2 {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (repl, generate, models, info, serve):
+    for command in (repl, generate, edit_modes, models, info, serve):
         command.add_parsers(sub)
     for subparser in sub.choices.values():  # --verbose also after the subcommand, where users type it
         subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -103,7 +103,8 @@ def _inpaint_queued(job) -> InpaintQueued:
 
 
 def _check_mask(image: Path, mask: Path, mask_url: str) -> None:
-    """The engine's own check, now rather than when the job runs: one channel, and the image's shape."""
+    """The engine's own check (flux2.editing: `check_mask_size` inside `binary_mask`), now rather than when the
+    job runs: one channel, and the image's size or aspect ratio."""
     try:
         with Image.open(image) as picture:
             size = picture.size
