@@ -49,6 +49,7 @@ from torch import nn
 
 from flux2.autoencoder import AutoEncoder, AutoEncoderParams
 from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae_config
+from flux2.checkpoints.transformer import DIFFUSERS_SCHEDULER_CONFIG
 from flux2.model import Flux2, Flux2Params
 from flux2.pipeline import Flux2Pipeline, Progress
 from flux2.registry import QWEN3_4B, QWEN3_8B, TINY_AE_PARAMS, TINY_PARAMS, ModelInfo, model_info
@@ -60,19 +61,6 @@ PROMPT = "a red fox jumping over a frozen creek at dawn"  # runs append size and
 STAGES = ("text", "step", "denoise", "decode", "other", "total")
 CONFIGS = ("tiny", "mid", "full")
 MB = 2**20
-
-# FLUX.1-dev's published scheduler config, which the FLUX.2 repos share (as in tests/test_pipeline_parity.py).
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    time_shift_type="exponential",
-    shift_terminal=None,
-)
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -277,7 +265,7 @@ def diffusers_pipeline(ours: Flux2Pipeline):
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        scheduler=FlowMatchEulerDiscreteScheduler(**DIFFUSERS_SCHEDULER_CONFIG),
         vae=diffusers_vae(ours.ae),
         text_encoder=ours.text_encoder.model,
         tokenizer=ours.text_encoder.tokenizer,

@@ -45,7 +45,11 @@ from torch import Tensor, nn
 
 from flux2.autoencoder import AutoEncoder, AutoEncoderParams
 from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae_config
-from flux2.checkpoints.transformer import diffusers_transformer_config, transformer_original_to_diffusers
+from flux2.checkpoints.transformer import (
+    DIFFUSERS_SCHEDULER_CONFIG,
+    diffusers_transformer_config,
+    transformer_original_to_diffusers,
+)
 from flux2.model import Flux2
 from flux2.pipeline import Flux2Pipeline
 from flux2.registry import TINY_AE_PARAMS, TINY_PARAMS
@@ -150,18 +154,7 @@ def flux2_scheduler(**overrides) -> FlowMatchEulerDiscreteScheduler:
     `set_timesteps`; shift / base_shift / max_shift / the seq-len bounds are not read, so their exact values cannot
     matter here. Without `use_dynamic_shifting`, `mu` is silently ignored and the static `shift` applies instead.
     """
-    config = dict(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-        shift_terminal=None,
-    )
-    return FlowMatchEulerDiscreteScheduler(**{**config, **overrides})
+    return FlowMatchEulerDiscreteScheduler(**{**DIFFUSERS_SCHEDULER_CONFIG, **overrides})
 
 
 @dataclass

@@ -184,6 +184,22 @@ def params_from_state_dict(sd: dict[str, Tensor]) -> Flux2Params:
     )
 
 
+# The `scheduler/scheduler_config.json` of a diffusers FLUX.2 repository: FLUX.1-dev's published values, which the
+# FLUX.2 repos are taken to share. With `mu` from the pipeline only use_dynamic_shifting, time_shift_type and
+# shift_terminal change the schedule; without use_dynamic_shifting, `mu` is silently ignored.
+DIFFUSERS_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    time_shift_type="exponential",
+    shift_terminal=None,
+)
+
+
 def diffusers_transformer_config(params: Flux2Params) -> dict:
     """`Flux2Transformer2DModel` config of the same architecture (to write or read a diffusers folder)."""
     return dict(
