@@ -431,3 +431,69 @@ def _reason(err: Exception, download: bool) -> str:
     if "Gated" in name:
         return "the Hub repository is gated: accept its licence on the Hub and log in with `hf auth login`"
     return f"{name}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+
+
+# ----------------------------------------------------------------------------- a weights file that cannot be read
+
+
+def unreadable_advice(path: Path) -> str:
+    """What to do about a weights file that exists but cannot be read: fetch it again, or fix what pointed at it
+    (the variable set to it, --weights-dir / $FLUX2_WEIGHTS_DIR, or the Hugging Face cache)."""
+    model = _model_of_file(path)
+    origin = _origin(path)
+    if origin == HUB_CACHE:
+        blob = Path(path).resolve()
+        also = f" (and {blob})" if blob != Path(path).absolute() else ""
+        return f"delete it{also} from the Hugging Face cache, then run `flux2 download {model}`"
+    return f"re-download with `flux2 download {model}` or fix {origin}"
+
+
+HUB_CACHE = "the Hugging Face cache"
+
+
+def _origin(path: Path) -> str:
+    """Where `path` came from, as a user would fix it."""
+    from huggingface_hub import constants
+
+    from flux2.registry import FLUX2_MODEL_INFO
+
+    variables = [AE_ENV] + [v for info in FLUX2_MODEL_INFO.values() for v in _variables_of(info)]
+    for var in dict.fromkeys(variables):
+        if os.environ.get(var) and _within(path, Path(os.environ[var]).expanduser()):
+            return f"${var}"
+    if (folder := weights_dir_from_env()) is not None and _within(path, folder):
+        return f"${WEIGHTS_DIR_ENV}"
+    if _within(path, Path(constants.HF_HUB_CACHE)):
+        return HUB_CACHE
+    return "--weights-dir (or the path you gave)"
+
+
+def _variables_of(info: ModelInfo) -> list[str]:
+    enc = info.text_encoder
+    return [var for var in (info.env_var, enc.env_var, enc.tokenizer_env_var) if var]
+
+
+def _model_of_file(path: Path) -> str:
+    """The model whose transformer file this is (by its variable, its name, or its Hub repo in the cache); MODEL
+    when unsure."""
+    from flux2.registry import FLUX2_MODEL_INFO
+
+    path = Path(path)
+    models = [info for info in FLUX2_MODEL_INFO.values() if info.needs_files]
+    if any(path.name == info.filename_ae for info in models):
+        return "MODEL --parts ae"
+    for info in models:
+        named = path.name == info.filename or _cache_folder(info.repo_id) in path.absolute().parts
+        if named or (os.environ.get(info.env_var) and _within(path, Path(os.environ[info.env_var]).expanduser())):
+            return info.name
+    return "MODEL"
+
+
+def _cache_folder(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def _within(path: Path, root: Path) -> bool:
+    """`path` is `root` or inside it, compared as given and with links followed."""
+    pairs = [(Path(path).absolute(), root.absolute()), (Path(path).resolve(), root.resolve())]
+    return any(p == r or r in p.parents for p, r in pairs)

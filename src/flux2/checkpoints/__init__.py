@@ -20,7 +20,7 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     """One .safetensors file, or every shard of a folder (following a *.safetensors.index.json if present)."""
     path = Path(path)
     if path.is_file():
-        return load_file(str(path), device=str(device))
+        return _load_file(path, device)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     shards = _shards(path)
@@ -28,8 +28,23 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
         raise FileNotFoundError(f"no .safetensors files in {path}")
     state: dict[str, Tensor] = {}
     for shard in shards:
-        state.update(load_file(str(shard), device=str(device)))
+        state.update(_load_file(shard, device))
     return state
+
+
+def _load_file(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    """One file; a truncated or corrupt one is a CheckpointError naming the file and what to do."""
+    from safetensors import SafetensorError
+
+    from flux2.weights import unreadable_advice
+
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}; truncated or corrupt download? "
+            f"{unreadable_advice(path)})"
+        ) from None
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from flux2.cli.generate import NOTHING_WRITTEN, _output_options, check_lora_files, report, report_acceleration
+from flux2.cli.generate import _output_options, check_lora_files, exit_status, report, report_acceleration
 from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
 from flux2.cli.output import output_target
 from flux2.cli.request_options import add_request_options, flag, offered, request_from_args
@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json)
     report_acceleration(applied)
     report(result, as_json=args.json)
-    if result.cancelled:
-        return 130
-    return NOTHING_WRITTEN if result.outputs and all(path is None for path in result.paths) else 0
+    return exit_status(result)
 
 
 def edit_request(args: argparse.Namespace) -> GenerationRequest:

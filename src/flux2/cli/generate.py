@@ -11,6 +11,7 @@ from flux2.cli.request_options import add_request_options, request_from_args
 from flux2.registry import model_info
 
 NOTHING_WRITTEN = 3  # exit status when the safety policy withheld every image
+SAVE_FAILED = 4  # exit status when an image could not be saved where asked (it was saved elsewhere)
 GENERATE_EXAMPLES = """examples:
   flux2 generate "a red fox in the snow" --seed 7 -o fox.png
   flux2 generate "a bakery sign at dawn" --model flux.2-klein-base-4b --steps 28 --negative-prompt blurry
@@ -58,13 +59,13 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flux2.cli.run import generate_and_save
-    from flux2.images import open_image
     from flux2.progress import TerminalProgress
 
     # Everything a user can get wrong fails here, before minutes of loading; the seed is drawn here, once.
     name = model_name(args)
     target = output_target(args.output, args.format)
-    images = tuple(open_image(path, f"input image {i}") for i, path in enumerate(args.image))
+    check_weights_dir(args.weights_dir, name)
+    images = open_inputs(args.image)
     prompts = read_prompts(args.prompt, args.prompt_file)
     request = request_from_args(args, prompt=prompts[0], reference_images=images).resolve(model_info(name))
     for prompt in prompts[1:]:
@@ -76,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
     result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json, prompts=many)
     report_acceleration(applied)
     report(result, as_json=args.json)
+    return exit_status(result)
+
+
+def exit_status(result) -> int:
+    """0, or: an image saved elsewhere than asked, a cancelled run (130), every image withheld."""
+    if result.rescued:
+        return SAVE_FAILED
     if result.cancelled:
         return 130
     return NOTHING_WRITTEN if result.outputs and all(path is None for path in result.paths) else 0
@@ -95,6 +103,28 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompt-file {prompt_file} has no prompts (one per line; # starts a comment)")
     return prompts
+
+
+def open_inputs(paths: list[Path]) -> tuple:
+    """Each -i image, opened now: a wrong path fails before the model loads, saying where it was looked for."""
+    from flux2.images import open_image
+
+    images = []
+    for i, path in enumerate(paths):
+        try:
+            images.append(open_image(path, f"input image {i}"))
+        except ValueError as err:
+            where = "" if path.is_absolute() else f", relative to {Path.cwd()}"
+            raise ValueError(f"-i {path}: {err} (check the path{where})") from None
+    return tuple(images)
+
+
+def check_weights_dir(weights_dir: Path | None, name: str) -> None:
+    """--weights-dir (or $FLUX2_WEIGHTS_DIR) is a folder, checked before anything loads (for models with files)."""
+    from flux2.weights import resolve_weights_dir
+
+    if model_info(name).needs_files:
+        resolve_weights_dir(weights_dir)
 
 
 def report_acceleration(applied) -> None:
@@ -130,5 +160,7 @@ def report(result, as_json: bool) -> None:
             print(f"withheld seed {out.record.seed}: {out.flagged.detail}", file=sys.stderr)
         elif not as_json:
             print(f"saved {path} (seed {out.record.seed})")
+    for line in result.rescued:
+        print(f"error: {line}", file=sys.stderr)
     if result.cancelled:
         print(f"cancelled after {len(result.outputs)} image(s)", file=sys.stderr)

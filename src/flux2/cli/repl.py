@@ -14,11 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from flux2.cli.config import Config, format_config, parse_key_values, updated, validate
+from flux2.cli.errors import describe
 from flux2.cli.options import add_feature_options, add_model_options, open_pipeline, upsampler_for
 from flux2.cli.output import FORMATS, Target, output_target
 from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO, ModelInfo, model_info
 
 COMMANDS = {"run", "show", "reset", "quit", "q", "exit", "help", "h", "?"}
+WEIGHTS_HINT = "FLUX2_WEIGHTS_DIR or --weights-dir"
+MISSING_FILE = "File "  # how config.parse_key_values starts its line about an input image that is not there
 HISTORY_FILE = Path("~/.flux2_history")
 HELP = """\
 Type a prompt to set it; an empty line (or `run`) generates an image.
@@ -58,31 +61,68 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name = args.model or choose_model()
-    if name is None:
+    target = output_target(args.output, args.format)  # before the menu: a bad -o costs nothing
+    opened = open_chosen_model(args)
+    if opened is None:
         print("bye!")
         return 0
-    info = model_info(name)
-    config = starting_config(args, info)
-    target = output_target(args.output, args.format)
-    print(format_config(config))
-    from flux2.progress import TerminalProgress
-
-    with TerminalProgress() as progress:
-        flow_model = _debug_model(info.name, args.device) if args.debug_mode else None
-        pipe, _ = open_pipeline(args, info.name, progress=progress, flow_model=flow_model)
-    session = Session(pipe, config, target, args)
+    session = Session(*opened, target, args)
     if args.single_eval:
         return 0 if session.generate() else 1
     return session.loop()
 
 
-def choose_model() -> str | None:
-    """The reference's menu: blank for the first entry, a number, or a name; None on EOF or Ctrl-C."""
+def open_chosen_model(args: argparse.Namespace):
+    """(pipeline, starting settings) of --model, or of the model chosen from the menu; a menu choice whose weights
+    cannot be found says what to set and shows the menu again. None when the menu is left."""
+    from flux2.checkpoints import CheckpointError
+    from flux2.weights import WeightsDownloadError, WeightsNotFoundError, resolve_weights_dir
+
+    weights_dir = None if args.model else resolve_weights_dir(args.weights_dir)  # only the menu looks
+    while (name := args.model or choose_model(weights_dir)) is not None:
+        info = model_info(name)
+        config = starting_config(args, info)
+        print(format_config(config))
+        try:
+            return _open(args, info), config
+        except (WeightsNotFoundError, WeightsDownloadError, CheckpointError) as err:
+            if args.model:  # named on the command line: a script wants the error and the exit status
+                raise
+            print(f"! {describe(err)}\n! choose another model, or set what the message names and start again")
+    return None
+
+
+def _open(args: argparse.Namespace, info: ModelInfo):
+    from flux2.progress import TerminalProgress
+
+    with TerminalProgress() as progress:
+        flow_model = _debug_model(info.name, args.device) if args.debug_mode else None
+        return open_pipeline(args, info.name, progress=progress, flow_model=flow_model)[0]
+
+
+def model_marks(weights_dir: Path | None) -> dict[str, str]:
+    """Which models' weights are on this machine (variables, weights folder, Hugging Face cache), never fetching."""
+    from flux2.weights import local_parts
+
+    marks = {}
+    for name, info in FLUX2_MODEL_INFO.items():
+        if not info.needs_files:
+            marks[name] = "built in"
+            continue
+        parts = local_parts(info, weights_dir).values()
+        here = sum(part.present for part in parts)
+        marks[name] = "here" if here == len(parts) else f"{here}/{len(parts)} here" if here else "not here"
+    return marks
+
+
+def choose_model(weights_dir: Path | None = None) -> str | None:
+    """The reference's menu, each model marked with whether its weights are here: blank for the first entry, a
+    number, or a name; None on EOF or Ctrl-C."""
     names = list(FLUX2_MODEL_INFO)
-    print("Available models:")
+    marks = model_marks(weights_dir)
+    print(f"Available models (here: weights on this machine; others download when chosen, or set {WEIGHTS_HINT}):")
     for i, name in enumerate(names, 1):
-        print(f"  {i}. {name:22} {FLUX2_MODEL_INFO[name].description}")
+        print(f"  {i}. {name:22} {marks[name]:10} {FLUX2_MODEL_INFO[name].description}")
     while True:
         try:
             answer = input(f"Select a model [default: {DEFAULT_MODEL}]: ").strip()
@@ -171,10 +211,8 @@ class Session:
         return None
 
     def settings_line(self, line: str) -> str | None:
-        try:
-            parsed = parse_key_values(line)
-        except ValueError as err:
-            print(f"! {err}")
+        parsed = self.parsed(line)
+        if parsed is None:
             return None
         pending: dict = {}  # settings and commands take effect in the order they were typed
         for key, value in parsed.items():
@@ -191,6 +229,26 @@ class Session:
         if pending:
             self.update(pending)
         return None
+
+    def parsed(self, line: str) -> dict | None:
+        """The line's settings and commands, with what parsing said printed; None when a value does not fit."""
+        said: list[str] = []
+        try:
+            parsed = parse_key_values(line, said.append)
+        except ValueError as err:
+            parsed, said = None, [*said, f"! {err}"]
+        for message in said:
+            print(message)
+        if parsed is not None:
+            self.keep_references_if_mistyped(parsed, said)
+        return parsed
+
+    def keep_references_if_mistyped(self, parsed: dict, said: list[str]) -> None:
+        """An `input_images=` with a path that is not there changes nothing: the earlier references stay."""
+        if "input_images" in parsed and any(line.startswith(MISSING_FILE) for line in said):
+            del parsed["input_images"]
+            earlier = ", ".join(map(str, self.config.request.reference_images)) or "none"
+            print(f"! input_images unchanged (still: {earlier}): fix the path and type the whole list again")
 
     def command(self, word: str) -> str | None:
         if word in ("quit", "q", "exit"):
@@ -267,6 +325,8 @@ class Session:
                 print("Your output has been flagged. Please choose another prompt / input image combination")
             else:
                 print(f"Saved {path} (seed {record.seed})")
+        for line in result.rescued:
+            print(f"! {line}", file=sys.stderr)
         if result.cancelled:
             print("Cancelled; the model is still loaded.")
 

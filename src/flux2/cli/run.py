@@ -5,10 +5,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from flux2.cli.output import Target, save_image
+from flux2.cli.output import Target, save_or_rescue
 from flux2.pipeline import Flux2Pipeline, GeneratedImage, GenerationCancelled
 from flux2.progress import TerminalProgress
 from flux2.request import GenerationRequest, request_params
@@ -19,6 +19,7 @@ class RunResult:
     outputs: list[GeneratedImage]
     paths: list[Path | None]  # None for an output the safety policy withheld
     cancelled: bool = False
+    rescued: list[str] = field(default_factory=list)  # one line per image saved elsewhere than asked, and why
 
 
 @contextmanager
@@ -58,6 +59,15 @@ def generate_and_save(
                 outputs = pipe.generate_many(prompts, callback=progress, cancel=cancel, **settings)
         except GenerationCancelled as stopped:
             outputs, cancelled = stopped.completed, True
-    paths = [None if out.image is None else save_image(out.image, out.record.to_dict(), target, sidecar)
-             for out in outputs]  # fmt: skip
-    return RunResult(outputs, paths, cancelled)
+    result = RunResult(outputs, [], cancelled)
+    for out in outputs:
+        result.paths.append(None if out.image is None else _save(out, target, sidecar, result.rescued))
+    return result
+
+
+def _save(out: GeneratedImage, target: Target, sidecar: bool, rescued: list[str]) -> Path:
+    """Save one image; one that could not go where asked is saved elsewhere, and `rescued` says where and why."""
+    saved = save_or_rescue(out.image, out.record.to_dict(), target, sidecar)
+    if saved.problem:
+        rescued.append(f"{saved.problem}: saved seed {out.record.seed} to {saved.path} instead")
+    return saved.path
