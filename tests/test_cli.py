@@ -106,7 +106,9 @@ def test_a_named_model_from_weights_where_a_user_puts_them(tmp_path, in_folder, 
     [
         (["--model", "no-such-model"], "unknown model 'no-such-model'; choose one of: flux.2-klein-4b"),
         (["--model", "tiny", "--width", "100"], "width must be a positive multiple of 16 px, at most 4096, got 100"),
-        (["--model", "tiny", "--steps", "-2"], "num_steps must be a positive integer, at most 200, got -2"),
+        (["--model", "tiny", "--steps", "-2"], "--num-steps must be a positive integer, at most 200, got -2"),
+        (["--model", "tiny", "--width", "1000"], "got 1000 (nearest allowed: 992 or 1008)"),
+        (["--model", "flux.2-klein4b"], "unknown model 'flux.2-klein4b'; did you mean 'flux.2-klein-4b'?"),
         (["--model", "flux.2-klein-4b", "--steps", "8"], "num_steps is fixed at 4 (got 8)"),  # before any weights
         (["--model", "tiny", "-i", "missing.png"], "input image 0 not found: missing.png"),
         (["--model", "tiny", "-i", "broken.png"], "input image 0 (broken.png) is not a readable image"),

@@ -73,7 +73,7 @@ def test_outpaint_extends_the_canvas_by_the_margins(source):
         (["outpaint", "x", "-i", "source.png", "--left", "10"], "--left/--right/--top/--bottom: outpainting 64x64"),
         (["img2img", "x", "-i", "source.png", "--seeds", "1,2", "--seed", "3"], "give either --seeds or --seed"),
         (["generate", "x", "--seeds", "1,2", "--num-images", "2"], "give either --seeds or --seed/--num-images"),
-        (["generate", "x", "--seeds", "1,-2"], "seed_list[1] must be an integer in [0,"),
+        (["generate", "x", "--seeds", "1,-2"], "--seed-list[1] must be an integer in [0,"),
         (["generate", "x", "--width", "4096", "--height", "2048"], "add --force to run it anyway"),
     ],
 )  # fmt: skip

@@ -127,7 +127,7 @@ def test_a_session_through_stdin(tmp_path, cli_env):
     assert "  width                 64\n  height                64\n  seed                  3\n" in out
     assert "  prompt                a red fox in the snow" in out
     assert "! unknown key: colour" in out and "! Unknown command: dance" in out
-    message = "width must be a positive multiple of 16 px, at most 4096, got 100"
+    message = "width must be a positive multiple of 16 px, at most 4096, got 100 (nearest allowed: 96 or 112)"
     assert f"ERROR: {message}\nThe settings are unchanged." in err
     assert "Commands: run, show, reset" in out  # `?` is help
     assert "Saved output/flux2-5.png (seed 5)" in out

@@ -3,6 +3,7 @@
 Insertion order matters: the first entry is the default model.
 """
 
+import difflib
 from dataclasses import dataclass, field
 
 import torch
@@ -163,7 +164,9 @@ def model_info(name: str) -> ModelInfo:
     """Exact (case-insensitive) registry lookup with a helpful error."""
     info = FLUX2_MODEL_INFO.get(name.lower())
     if info is None:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(FLUX2_MODEL_INFO)}")
+        close = difflib.get_close_matches(name.lower(), FLUX2_MODEL_INFO, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown model {name!r}; {hint}choose one of: {', '.join(FLUX2_MODEL_INFO)}")
     return info
 
 

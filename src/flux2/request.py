@@ -130,7 +130,7 @@ class Param:
                     raise ValueError(f"{name}[{i}] ({item}): {problem}")
             return
         if not self._fits(value):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}{self._nearest(value)}")
 
     def _fits(self, value: object) -> bool:
         if self.kind is bool:
@@ -147,6 +147,17 @@ class Param:
             and (self.le is None or value <= self.le)
             and (self.multiple_of is None or value % self.multiple_of == 0)
         )
+
+    def _nearest(self, value: object) -> str:
+        """For a number off the grid (a width of 1000): the allowed values either side of it."""
+        if self.multiple_of is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return ""
+        if not math.isfinite(value):
+            return ""
+        step, low, high = self.multiple_of, self.ge or self.multiple_of, self.le or math.inf
+        below, above = math.floor(value / step) * step, math.ceil(value / step) * step
+        options = sorted({int(v) for v in (below, above) if low <= v <= high})
+        return f" (nearest allowed: {' or '.join(map(str, options))})" if options else ""
 
     def describe(self) -> str:
         if self.allowed:

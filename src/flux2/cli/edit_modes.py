@@ -9,7 +9,7 @@ from pathlib import Path
 from flux2.cli.generate import _output_options, check_lora_files, exit_status, report, report_acceleration
 from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
 from flux2.cli.output import output_target
-from flux2.cli.request_options import add_request_options, flag, offered, request_from_args
+from flux2.cli.request_options import add_request_options, flag, offered, request_from_args, resolved_for_flags
 from flux2.registry import model_info
 from flux2.request import ALL, GenerationRequest
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     # As for `flux2 generate`: everything a user can get wrong fails here, before minutes of loading.
     name = model_name(args)
     target = output_target(args.output, args.format)
-    request = edit_request(args).resolve(model_info(name))
+    request = resolved_for_flags(edit_request(args), model_info(name))
     check_lora_files(request.loras)
     with TerminalProgress(enabled=not args.json) as progress:
         pipe, applied = open_pipeline(args, name, progress=progress)

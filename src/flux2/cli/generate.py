@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
 from flux2.cli.output import FORMATS, output_target
-from flux2.cli.request_options import add_request_options, request_from_args
+from flux2.cli.request_options import add_request_options, request_from_args, resolved_for_flags
 from flux2.registry import model_info
 
 NOTHING_WRITTEN = 3  # exit status when the safety policy withheld every image
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_weights_dir(args.weights_dir, name)
     images = open_inputs(args.image)
     prompts = read_prompts(args.prompt, args.prompt_file)
-    request = request_from_args(args, prompt=prompts[0], reference_images=images).resolve(model_info(name))
+    request = resolved_for_flags(request_from_args(args, prompt=prompts[0], reference_images=images), model_info(name))
     for prompt in prompts[1:]:
         request.with_inputs(prompt=prompt)  # each line is checked (its length) before anything loads
     check_lora_files(request.loras)

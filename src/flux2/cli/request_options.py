@@ -56,6 +56,18 @@ def _comma_list(kind: type):
     return parse
 
 
+def resolved_for_flags(request: GenerationRequest, info) -> GenerationRequest:
+    """`request.resolve(info)`, its errors naming the option a user typed (`--num-steps`) rather than the field."""
+    try:
+        return request.resolve(info)
+    except ValueError as err:
+        field, space, rest = str(err).partition(" ")
+        name = field.split("[")[0]
+        if name in request_params() and request_params()[name].cli:
+            raise ValueError(f"{flag(name)}{field[len(name) :]}{space}{rest}") from None
+        raise
+
+
 def request_from_args(args: argparse.Namespace, mode: str = "generate", **more) -> GenerationRequest:
     """The request the options describe (options not given keep the request's defaults); a size above
     LARGE_PIXELS without --force fails here, before anything loads."""
