@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 
 from flux2.registry import DEFAULT_MODEL, model_info
@@ -34,10 +35,10 @@ def add_acceleration_options(p, unset_is_none: bool = False) -> None:
     for name, spec in acceleration_fields().items():
         flag, help = "--" + name.replace("_", "-"), spec.metadata["help"]
         default = None if unset_is_none else spec.default
-        if spec.type in (bool, "bool"):
+        kind = next(t for t in typing.get_args(spec.type) or (spec.type,) if t is not type(None))  # int | None -> int
+        if kind is bool:
             p.add_argument(flag, action="store_true", dest=name, default=default, help=help)
         else:
-            kind = int if name == "threads" else float if name == "step_cache" else str
             p.add_argument(flag, type=kind, dest=name, default=default, help=help)
 
 

@@ -64,24 +64,6 @@ class Mask(BaseModel):
     mask_path: str  # a media URL
 
 
-class DetectedObject(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the segmentation service's fields, passed on as it sends them
-
-    id: int | str | None = None
-    mask: str | None = None  # base64 PNG
-    bbox: list[int | float] | None = None  # [x0, y0, x1, y1]
-    score: float | None = None
-    label: str | None = None
-
-
-class Detection(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    objects: list[DetectedObject]
-    count: int | None = None
-    prompt: str | None = None
-
-
 class SamHealth(BaseModel):
     online: bool
     latency_ms: float | None
