@@ -3,6 +3,8 @@
 Random weights cost exactly what real ones do. fp32 on the CPU. Variants:
   ours        AutoEncoder as built (NCHW)
   ours_cl     `channels_last(ae)`: conv weights, hence activations, NHWC
+  ours_cpu    channels-last plus `fold_upsample_convs(ae)` (upsample convs on the low-resolution input): what
+              Flux2Pipeline does on a CPU
   diffusers   AutoencoderKLFlux2 loaded with the same weights (the pipeline's patchify/BN maths excluded)
 Timing: the variants run interleaved, round after round, so machine noise hits them alike; medians and the
 ratio to diffusers. Memory: one decode per variant in a fresh subprocess; the peak RSS during the decode (VmHWM,
@@ -31,6 +33,7 @@ from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae
 from flux2.registry import TINY_AE_PARAMS
 from flux2.tiny import random_ae
 from flux2.transforms.tiling import TilingConfig, tiled_decode
+from flux2.transforms.upsample_conv import fold_upsample_convs
 
 WIDTHS = {"tiny": TINY_AE_PARAMS, "real": AutoEncoderParams()}  # the default is the real FLUX.2 AE
 
@@ -40,14 +43,15 @@ def log(msg: str) -> None:
 
 
 def build(width: str):
-    """Our AE, its channels-last copy and the diffusers twin, all with the same weights."""
+    """Our AE, its channels-last and CPU-setup copies and the diffusers twin, all with the same weights."""
     from diffusers import AutoencoderKLFlux2
 
     ours = random_ae(WIDTHS[width])
     ours_cl = channels_last(random_ae(WIDTHS[width]))  # same seed: same weights
+    ours_cpu = fold_upsample_convs(channels_last(random_ae(WIDTHS[width])))
     theirs = AutoencoderKLFlux2(**diffusers_ae_config(ours.params)).eval()
     theirs.load_state_dict(ae_original_to_diffusers(ours.state_dict()), strict=True)
-    return ours, ours_cl, theirs
+    return ours, ours_cl, ours_cpu, theirs
 
 
 def diffusers_decode(ae: AutoEncoder, twin, z: Tensor) -> Tensor:
@@ -56,13 +60,14 @@ def diffusers_decode(ae: AutoEncoder, twin, z: Tensor) -> Tensor:
 
 
 def calls(width: str, size: int) -> dict[str, Callable[[], Tensor]]:
-    ours, ours_cl, theirs = build(width)
+    ours, ours_cl, ours_cpu, theirs = build(width)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4 * ours.params.z_channels, size // 16, size // 16, generator=gen)
     x = torch.rand(1, 3, size, size, generator=gen) * 2 - 1
     return {
         "decode/ours": lambda: ours.decode(z),
         "decode/ours_cl": lambda: ours_cl.decode(z),
+        "decode/ours_cpu": lambda: ours_cpu.decode(z),
         "decode/diffusers": lambda: diffusers_decode(ours, theirs, z),
         "encode/ours": lambda: ours.encode(x),
         "encode/ours_cl": lambda: ours_cl.encode(x),
@@ -111,14 +116,15 @@ def memory_child(width: str, variant: str, size: int, tiling: TilingConfig) -> d
     ours = random_ae(WIDTHS[width])
     z = torch.randn(1, 4 * ours.params.z_channels, size // 16, size // 16, generator=torch.Generator().manual_seed(0))
     if variant == "diffusers":
-        _, _, twin = build(width)
+        *_, twin = build(width)
         z_vae = unpatchify(ours.inv_normalize(z))
         del ours
         fn = lambda: twin.decode(z_vae).sample  # noqa: E731
     elif variant == "ours_tiled":
         fn = lambda: tiled_decode(ours, z, tiling)  # noqa: E731
     else:
-        ae = channels_last(ours) if variant == "ours_cl" else ours
+        ae = channels_last(ours) if variant in ("ours_cl", "ours_cpu") else ours
+        ae = fold_upsample_convs(ae) if variant == "ours_cpu" else ae
         fn = lambda: ae.decode(z)  # noqa: E731
     gc.collect()
     reset_peak_rss()
@@ -146,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="timed rounds per width and size")
     p.add_argument("--memory-size", type=int, default=1024, help="image side of the memory run (0: skip)")
     p.add_argument("--memory-width", choices=list(WIDTHS), default="real")
-    p.add_argument("--memory-variants", nargs="+", default=["ours", "ours_cl", "ours_tiled", "diffusers"])
+    p.add_argument("--memory-variants", nargs="+", default=["ours", "ours_cl", "ours_cpu", "ours_tiled", "diffusers"])
     p.add_argument("--tile", nargs=2, type=int, default=[32, 8], help="tile and overlap (latent cells) of ours_tiled")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
