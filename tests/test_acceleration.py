@@ -54,3 +54,10 @@ def test_apply_puts_the_transforms_on_a_pipeline_and_the_studio_uses_the_same_se
     assert np.abs(np.asarray(after.image, float) - np.asarray(before.image, float)).max() <= 1
     with pytest.raises(ValueError, match="attention must be one of"):
         Acceleration(attention="fastest").check()
+
+
+def test_the_cli_lists_the_attention_backends_the_transform_knows():
+    from flux2.transforms.acceleration import ATTENTION_NAMES
+    from flux2.transforms.attention import NAMES
+
+    assert ATTENTION_NAMES == NAMES

@@ -5,46 +5,19 @@ BatchNorm-statistics normalisation, giving [B, 128, H/16, W/16] latents for the 
 `flux2.checkpoints.autoencoder`.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+# The sizes live in flux2.params (torch-free, for the CLI's checks); this module's public names include them.
+from flux2.params import AutoEncoderParams as AutoEncoderParams
 
 GROUPNORM_EPS = 1e-6
 # The reference's latent BatchNorm: eps 1e-4 (not torch's default 1e-5), momentum 0.1, no affine.
 BN_EPS = 1e-4
 BN_MOMENTUM = 0.1
 PATCH = 2  # latents are patchified 2×2 before normalisation
-
-
-@dataclass(frozen=True)
-class AutoEncoderParams:
-    resolution: int = 256  # unused, kept for parity with the reference
-    in_channels: int = 3
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 32
-    norm_groups: int = 32  # GroupNorm groups; not a reference field (tiny test models need fewer)
-    # Per-level decoder widths when the decoder is narrower than the encoder: BFL's FLUX.2 small decoder is
-    # (96, 192, 384, 384) against the encoder's (128, 256, 512, 512). None: the encoder's widths.
-    decoder_widths: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # presets are shared: keep them immutable
-        if self.decoder_widths is not None:
-            object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))
-
-    @property
-    def encoder_widths(self) -> tuple[int, ...]:
-        return tuple(self.ch * m for m in self.ch_mult)
-
-    @property
-    def decoder_block_widths(self) -> tuple[int, ...]:
-        return self.decoder_widths or self.encoder_widths
 
 
 def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:

@@ -1,21 +1,23 @@
 """Images and masks for inpainting, outpainting and image-to-image: sizes, soft masks, crops and compositing.
 
-Masks are white where the image is to be regenerated and black where it is kept. Everything here is plain PIL
-and torch on small tensors; the pipeline does the model work.
+Masks are white where the image is to be regenerated and black where it is kept. Everything here is plain PIL,
+and torch on small tensors (imported where used: the CLI checks masks before torch loads); the pipeline does the
+model work.
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter, ImageOps
-from torch import Tensor
 
 from flux2.images import image_sha256, open_image_input, open_mask
+from flux2.params import PIXELS_PER_TOKEN
 from flux2.request import GenerationRequest
-from flux2.sampling import PIXELS_PER_TOKEN
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MASK_WHITE = {"1": 255, "L": 255, "I;16": 65535, "I": 65535, "F": 1.0}  # single-channel modes and their white
 MAX_CROP_ASPECT = 4  # a crop around a thin mask is widened to at most this aspect ratio
@@ -87,12 +89,15 @@ def feathered(mask: Image.Image, radius: float, inward: bool = False) -> Image.I
     return ImageChops.darker(soft, mask) if inward else ImageChops.lighter(soft, mask)
 
 
-def latent_mask(mask: Image.Image, width: int, height: int) -> Tensor:
+def latent_mask(mask: Image.Image, width: int, height: int) -> "Tensor":
     """The mask at token resolution, packed row-major [1, h*w, 1] in [0, 1] (1 = regenerate).
 
     Bilinear without antialiasing, as diffusers' inpaint pipeline downsamples (each token reads the centre of its
     16 x 16 px block), so that a hard mask gives the same tokens there.
     """
+    import torch
+    import torch.nn.functional as F
+
     pixels = torch.from_numpy(np.asarray(mask.resize((width, height), Image.Resampling.NEAREST), np.float32) / 255)
     small = F.interpolate(pixels[None, None], size=(height // 16, width // 16), mode="bilinear")
     return small.flatten()[None, :, None]

@@ -2,17 +2,19 @@
 from [-1, 1] tensors, pixel caps and side-by-side joins.
 
 File reading lives here so that sampling.py, which prepares reference images with these conversions, stays free
-of file I/O.
+of file I/O. torch is imported where a tensor is made: the CLI opens and checks images before torch loads.
 """
 
 import hashlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ImageInput = Image.Image | str | Path  # an image in memory, or its file
 
@@ -29,13 +31,15 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
         raise ValueError(f"{what} ({path}) is not a readable image: {err}") from err
 
 
-def image_to_tensor(img: Image.Image) -> Tensor:
+def image_to_tensor(img: Image.Image) -> "Tensor":
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    import torch
+
     array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
 
 
-def tensor_to_image(pixels: Tensor) -> Image.Image:
+def tensor_to_image(pixels: "Tensor") -> Image.Image:
     """[3, H, W] in [-1, 1] -> uint8 RGB image; truncation (not rounding), as the reference converts."""
     x = pixels.detach().float().clamp(-1, 1).permute(1, 2, 0)
     return Image.fromarray((127.5 * (x + 1.0)).byte().cpu().numpy())

@@ -13,53 +13,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class Flux2Params:
-    """Sizes of FLUX.2 [dev]; the klein presets override them."""
-
-    in_channels: int = 128
-    context_in_dim: int = 15360  # 3 x 5120, three Mistral-Small hidden states per token
-    hidden_size: int = 6144
-    num_heads: int = 48
-    depth: int = 8  # double-stream blocks
-    depth_single_blocks: int = 48
-    axes_dim: tuple[int, ...] = (32, 32, 32, 32)  # rope dims per axis (t, h, w, l)
-    theta: int = 2000
-    mlp_ratio: float = 3.0
-    use_guidance_embed: bool = True
-
-    def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))  # presets are shared: keep them immutable
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-
-@dataclass(frozen=True)
-class Klein9BParams(Flux2Params):
-    context_in_dim: int = 12288  # 3 x 4096, Qwen3-8B
-    hidden_size: int = 4096
-    num_heads: int = 32
-    depth: int = 8
-    depth_single_blocks: int = 24
-    use_guidance_embed: bool = False
-
-
-@dataclass(frozen=True)
-class Klein4BParams(Flux2Params):
-    context_in_dim: int = 7680  # 3 x 2560, Qwen3-4B
-    hidden_size: int = 3072
-    num_heads: int = 24
-    depth: int = 5
-    depth_single_blocks: int = 20
-    use_guidance_embed: bool = False
-
+# The sizes live in flux2.params (torch-free, for the CLI's checks); this module's public names include them.
+from flux2.params import Flux2Params as Flux2Params
+from flux2.params import Klein4BParams as Klein4BParams
+from flux2.params import Klein9BParams as Klein9BParams
 
 # ----------------------------------------------------------------------------- embeddings
 

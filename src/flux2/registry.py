@@ -5,11 +5,14 @@ Insertion order matters: the first entry is the default model.
 
 import difflib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from flux2.params import AutoEncoderParams, Flux2Params, Klein4BParams, Klein9BParams
 
-from flux2.autoencoder import AutoEncoderParams
-from flux2.model import Flux2Params, Klein4BParams, Klein9BParams
+if TYPE_CHECKING:
+    import torch
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # names of torch's float dtypes random weights may use
 
 # The tiny self-test model: random weights, runs every part through the same code, produces noise images.
 TINY_TEXT_HIDDEN = 32  # hidden size of flux2.tiny_text_encoders.tiny_qwen3
@@ -64,12 +67,13 @@ class RandomWeights:
     dtype: str = "float32"  # a torch dtype's name
 
     def __post_init__(self) -> None:
-        dtype = getattr(torch, self.dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"RandomWeights.dtype must name a torch float dtype (e.g. 'float32'), got {self.dtype!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"RandomWeights.dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
         return getattr(torch, self.dtype)
 
 

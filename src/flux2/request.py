@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from flux2.params import PIXELS_PER_TOKEN
 from flux2.registry import ModelInfo
-from flux2.sampling import PIXELS_PER_TOKEN
 
 if TYPE_CHECKING:
     from flux2.images import ImageInput

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from flux2.images import cap_pixels, image_to_tensor
+from flux2.params import PIXELS_PER_TOKEN
 
 # Reference-image pixel caps of the reference code: 2024**2 (sic, not 2048**2) for a single reference,
 # 1024**2 for each of several.
@@ -21,7 +22,6 @@ MULTI_REF_MAX_PIXELS = 1024**2
 REF_MIN_SIDE = 64
 REF_MAX_ASPECT = 8.0
 REF_TIME_SCALE = 10  # reference k gets t = REF_TIME_SCALE * (k + 1)
-PIXELS_PER_TOKEN = 16  # side of one latent token in pixels: 8x VAE downsampling, then the 2x2 patchify
 
 # A callback sees (step index, number of steps) before each step; it may raise to cancel the run.
 StepCallback = Callable[[int, int], None]

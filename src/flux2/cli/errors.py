@@ -7,14 +7,14 @@ VERBOSE_HINT = "run with --verbose for the full traceback"
 
 def describe(err: BaseException) -> str:
     """The message shown for `err`; tracebacks are for --verbose only."""
-    from flux2.safety import ContentFlagged
-
-    torch = sys.modules.get("torch")  # an error before torch was ever imported cannot be one of its own
+    # An error raised before torch (or the safety checks) were ever imported cannot be one of theirs; importing
+    # them here would cost seconds on a mistyped option.
+    torch, safety = sys.modules.get("torch"), sys.modules.get("flux2.safety")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
         return (
             "out of GPU memory: try --cpu-offload, a smaller --width/--height, fewer --num-images, or a smaller model"
         )
-    if isinstance(err, ContentFlagged):
+    if safety is not None and isinstance(err, safety.ContentFlagged):
         return f"not generated: {err}"
     if isinstance(err, ValueError | OSError):  # our own messages already say what to do
         return _one_line(str(err)) or type(err).__name__

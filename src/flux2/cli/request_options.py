@@ -3,6 +3,7 @@ GenerationRequest's fields: a new request field with `cli=True` becomes an optio
 help, and a field only some editing modes take (`Param.modes`) becomes an option of those modes' subcommands."""
 
 import argparse
+import re
 
 from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
 from flux2.request import ALL, LARGE_PIXELS, GenerationRequest, LoraChoice, Param, request_params
@@ -57,15 +58,23 @@ def _comma_list(kind: type):
 
 
 def resolved_for_flags(request: GenerationRequest, info) -> GenerationRequest:
-    """`request.resolve(info)`, its errors naming the option a user typed (`--num-steps`) rather than the field."""
+    """`request.resolve(info)`, its errors naming the options a user types (`--num-steps`) rather than the fields."""
     try:
         return request.resolve(info)
     except ValueError as err:
-        field, space, rest = str(err).partition(" ")
-        name = field.split("[")[0]
-        if name in request_params() and request_params()[name].cli:
-            raise ValueError(f"{flag(name)}{field[len(name) :]}{space}{rest}") from None
-        raise
+        raise ValueError(in_flag_words(str(err))) from None
+
+
+def in_flag_words(message: str) -> str:
+    """A request error in the CLI's words: the field it starts with, and every field name with an underscore
+    (unmistakably a name, unlike `seed` or `prompt` in a sentence), become the option's flag."""
+    options = {name for name, spec in request_params().items() if spec.cli}
+    field, space, rest = message.partition(" ")
+    if (name := field.split("[")[0]) in options:
+        message = f"{flag(name)}{field[len(name) :]}{space}{rest}"
+    for name in sorted((n for n in options if "_" in n), key=len, reverse=True):
+        message = re.sub(rf"(?<![-\w]){name}\b", flag(name), message)
+    return message
 
 
 def request_from_args(args: argparse.Namespace, mode: str = "generate", **more) -> GenerationRequest:

@@ -9,10 +9,9 @@ settings are made from these fields, and `apply` turns them into the transforms 
 
 from dataclasses import dataclass, field, fields
 
-import torch
-
-from flux2.transforms.attention import NAMES as ATTENTION_NAMES
-
+# flux2.transforms.attention.NAMES, written out: the CLI's options are made from this module before torch loads
+# (tests/test_acceleration.py checks that the two agree).
+ATTENTION_NAMES = ("auto", "math", "efficient", "flash", "cudnn", "sage", "fa3")
 TILED_DECODE = {"auto": None, "on": True, "off": False}  # -> Flux2Pipeline.tiling
 STEP_CACHE_MAX = 1.0  # a relative change of the first block's output: past 1 every step after the first is skipped
 
@@ -50,6 +49,8 @@ class Acceleration:
     def prepare(self) -> None:
         """What must happen before the models load."""
         if self.threads is not None:
+            import torch
+
             torch.set_num_threads(self.threads)
 
     def apply(self, pipe) -> "Applied":
