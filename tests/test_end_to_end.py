@@ -44,7 +44,7 @@ def test_generation_with_upsampling_safety_and_watermark(tiny, classifier_folder
     stored = read_provenance(path)
     assert stored == {"software": out.record.software, "version": stored["version"], **out.record.to_dict()}
     assert stored["prompt"] == "a lighthouse" and stored["upsampled_prompt"] == UPSAMPLED
-    assert stored["seed"] == 5 and stored["watermark"] == "dwtDctSvd" and stored["safety"] == "classifier"
+    assert stored["seed"] == 5 and stored["watermark"] == "lumaTile" and stored["safety"] == "classifier"
     assert read_exif_tags(path) == {"Software": "AI generated;flux2", "Make": "Black Forest Labs"}
     with Image.open(path) as saved:
         assert verify(saved.convert("RGB"), DEFAULT_WATERMARK).detected  # JPEG is saved at quality 95
