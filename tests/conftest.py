@@ -24,6 +24,20 @@ def klein_weights(tmp_path_factory):
     return write_studio_layout(root / "studio"), write_diffusers_layout(root / "FLUX.2-klein-4B")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def flux2_config_dir(tmp_path_factory):
+    """Signing keys (Content Credentials) made by in-process saves go to a temporary config folder, made once per
+    session, not to the user's ~/.config/flux2."""
+    folder = tmp_path_factory.mktemp("flux2-config")
+    saved = os.environ.get("FLUX2_CONFIG_DIR")
+    os.environ["FLUX2_CONFIG_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("FLUX2_CONFIG_DIR", None)
+    else:
+        os.environ["FLUX2_CONFIG_DIR"] = saved
+
+
 @pytest.fixture
 def cli_env(tmp_path) -> dict[str, str]:
     """The environment of a user with no weights, no Hub access and none of our variables set."""

@@ -2,15 +2,18 @@
 
 PNG: a `flux2` text chunk with the full record as JSON, plus readable `Software`, `Description` chunks and the
 reference's EXIF tags. JPEG / WebP: EXIF Software and Make (the reference's values) and the record as JSON in
-the Exif UserComment. A JSON sidecar (`image.png.json`) survives tools that strip metadata.
+the Exif UserComment. A JSON sidecar (`image.png.json`) survives tools that strip metadata. Every format also
+carries signed C2PA Content Credentials (flux2.content_credentials).
 """
 
+import io
 import json
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from flux2 import __version__
+from flux2.content_credentials import SigningSettings, embed_credentials
 
 SOFTWARE = "AI generated;flux2"  # the reference's EXIF Software value
 MAKE = "Black Forest Labs"  # the reference's EXIF Make value
@@ -69,18 +72,28 @@ def image_format(path: Path) -> str:
 
 
 def save_with_provenance(
-    image: Image.Image, path: str | Path, record: dict, *, quality: int = 95, sidecar: bool = False
+    image: Image.Image,
+    path: str | Path,
+    record: dict,
+    *,
+    quality: int = 95,
+    sidecar: bool = False,
+    credentials: SigningSettings | None = None,
 ) -> Path:
-    """Write image to path (format from the suffix) with the record embedded; optionally a JSON sidecar."""
+    """Write image to path (format from the suffix) with the record embedded and signed C2PA Content Credentials
+    (`credentials`, default: from the FLUX2_C2PA* variables; see flux2.content_credentials); optionally a JSON
+    sidecar."""
     path = Path(path)
     fmt = image_format(path)
     stored = provenance(record)
     exif, truncated = _exif(stored)
+    encoded = io.BytesIO()
     if fmt == "PNG":  # PNG text chunks have no size limit: the full record is always in the file
-        image.save(path, format=fmt, pnginfo=_png_info(stored), exif=exif)
+        image.save(encoded, format=fmt, pnginfo=_png_info(stored), exif=exif)
     else:
-        image.convert("RGB").save(path, format=fmt, quality=quality, exif=exif)
+        image.convert("RGB").save(encoded, format=fmt, quality=quality, exif=exif)
         sidecar = sidecar or truncated
+    path.write_bytes(embed_credentials(encoded.getvalue(), fmt, stored, path.name, credentials))
     if sidecar:
         sidecar_path(path).write_text(json.dumps(stored, indent=2, ensure_ascii=False))
     return path

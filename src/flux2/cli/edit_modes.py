@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from flux2.cli.generate import _output_options, check_lora_files, exit_status, report, report_acceleration
+from flux2.cli.generate import _output_options, check_side_files, exit_status, report, report_acceleration
 from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
 from flux2.cli.output import output_target
 from flux2.cli.request_options import add_request_options, flag, offered, request_from_args, resolved_for_flags
@@ -51,14 +51,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flux2.cli.run import generate_and_save
-    from flux2.progress import TerminalProgress
-
     # As for `flux2 generate`: everything a user can get wrong fails here, before minutes of loading.
     name = model_name(args)
     target = output_target(args.output, args.format)
     request = resolved_for_flags(edit_request(args), model_info(name))
-    check_lora_files(request.loras)
+    check_side_files(request)
+    from flux2.cli.run import generate_and_save  # torch and the models' code: only once the input is known good
+    from flux2.progress import TerminalProgress
+
     with TerminalProgress(enabled=not args.json) as progress:
         pipe, applied = open_pipeline(args, name, progress=progress)
     result = generate_and_save(pipe, target, request, sidecar=args.sidecar, show_progress=not args.json)

@@ -58,9 +58,6 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flux2.cli.run import generate_and_save
-    from flux2.progress import TerminalProgress
-
     # Everything a user can get wrong fails here, before minutes of loading; the seed is drawn here, once.
     name = model_name(args)
     target = output_target(args.output, args.format)
@@ -70,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     request = resolved_for_flags(request_from_args(args, prompt=prompts[0], reference_images=images), model_info(name))
     for prompt in prompts[1:]:
         request.with_inputs(prompt=prompt)  # each line is checked (its length) before anything loads
-    check_lora_files(request.loras)
+    check_side_files(request)
+    from flux2.cli.run import generate_and_save  # torch and the models' code: only once the input is known good
+    from flux2.progress import TerminalProgress
+
     with TerminalProgress(enabled=not args.json) as progress:
         pipe, applied = open_pipeline(args, name, progress=progress)
     many = prompts if args.prompt_file else None
@@ -135,6 +135,15 @@ def report_acceleration(applied) -> None:
               file=sys.stderr)  # fmt: skip
     if applied.memory is not None:
         print(f"peak memory per stage ({applied.memory.source}):\n{applied.memory.format()}", file=sys.stderr)
+
+
+def check_side_files(request) -> None:
+    """The files a run reads besides the weights, before the weights load: the LoRAs, and the signing
+    certificate and key of the Content Credentials (FLUX2_C2PA_CERT / FLUX2_C2PA_KEY)."""
+    from flux2.content_credentials import check_signing
+
+    check_lora_files(request.loras)
+    check_signing()
 
 
 def check_lora_files(loras) -> None:

@@ -1,4 +1,5 @@
-"""`flux2 info IMAGE`: what made an image (its provenance record) and whether it carries the watermark."""
+"""`flux2 info IMAGE`: what made an image (its provenance record), whether it carries the watermark, and its C2PA
+Content Credentials (ours or another tool's) with their validation."""
 
 import argparse
 import json
@@ -13,9 +14,10 @@ SHOWN_FIELDS = ("software", "model", "prompt", "upsampled_prompt", "negative_pro
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "info", help="an image's provenance metadata and watermark check",
+        "info", help="an image's provenance metadata, watermark and C2PA check",
         description="Show the record stored in an image by flux2 (or its IMAGE.json sidecar) and check the "
-        "invisible watermark.", epilog="example: flux2 info output/flux2-7.png --json",
+        "invisible watermark and the C2PA manifest (Content Credentials).",
+        epilog="example: flux2 info output/flux2-7.png --json",
     )  # fmt: skip
     p.add_argument("image", type=Path, nargs="+")
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
@@ -53,7 +55,21 @@ def inspect(path: Path) -> dict:
         "exif": read_exif_tags(path),
         "record": record,
         "watermark": _watermark(image, record),
+        "content_credentials": _content_credentials(path),
     }
+
+
+def _content_credentials(path: Path) -> dict | None:
+    """The C2PA manifest and its validation (None: the file has none)."""
+    from dataclasses import asdict
+
+    from flux2.content_credentials import read_credentials
+
+    try:
+        found = read_credentials(path)
+    except ImportError:
+        return {"state": "not checked", "verdict": "not checked: the c2pa-python package is not installed"}
+    return None if found is None else asdict(found)
 
 
 def _watermark(image, record: dict | None) -> dict:
@@ -86,7 +102,27 @@ def summary(found: dict) -> str:
     else:
         verdict = "present" if mark["detected"] else "not found"
         lines.append(f"  invisible mark    {verdict} ({mark['method']}, {mark['bit_accuracy']:.0%} of bits match)")
-    return "\n".join(lines)
+    return "\n".join(lines + _credentials_lines(found["content_credentials"]))
+
+
+def _credentials_lines(found: dict | None) -> list[str]:
+    """The C2PA manifest: validation, signer, actions, model, generator, ingredients."""
+    if found is None:
+        return ["  C2PA manifest     none"]
+    lines = [f"  C2PA manifest     {found['verdict']}"]
+    if found.get("signer") or found.get("issuer"):
+        issuer = f", issued by {found['issuer']}" if found.get("issuer") else ""
+        lines.append(f"    signer          {found.get('signer') or '?'}{issuer} ({found.get('algorithm')})")
+    for action in found.get("actions", ()):
+        source = (action["digital_source_type"] or "").rsplit("/", 1)[-1]
+        details = ", ".join(filter(None, [source, action["software_agent"] and f"by {action['software_agent']}"]))
+        lines.append(f"    action          {action['action']}" + (f" ({details})" if details else ""))
+    shown = {"model": found.get("model"), "generator": found.get("claim_generator")}
+    lines += [f"    {key:15} {value}" for key, value in shown.items() if value]
+    for item in found.get("ingredients", ()):
+        digest = f", sha256 {item['sha256']}" if item["sha256"] else ""
+        lines.append(f"    ingredient      {item['title']} ({item['relationship']}{digest})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- --rerun
