@@ -96,6 +96,9 @@ class ContentFlagged(ValueError):
             f"(check={verdict.check!r}, stage={verdict.stage!r}): {verdict.detail}"
         )
 
+    def __reduce__(self):  # pickled across processes (flux2.parallel): rebuilt from the verdict, not the message
+        return ContentFlagged, (self.verdict,)
+
 
 def as_pil_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a PIL image, a file path, or a [3, H, W] / [B, 3, H, W] tensor in [-1, 1]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flux2.cli.generate import _output_options, check_side_files, exit_status, report, report_acceleration
-from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
+from flux2.cli.options import add_feature_options, add_model_options, add_parallel_options, model_name, open_pipeline
 from flux2.cli.output import output_target
 from flux2.cli.request_options import add_request_options, flag, offered, request_from_args, resolved_for_flags
 from flux2.registry import model_info
@@ -45,6 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "the source's size or aspect ratio")  # fmt: skip
         add_request_options(p, mode)
         add_model_options(p)
+        add_parallel_options(p)
         add_feature_options(p)
         _output_options(p)
         p.set_defaults(handler=run, mode=mode)

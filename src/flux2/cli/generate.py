@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from flux2.cli.options import add_feature_options, add_model_options, model_name, open_pipeline
+from flux2.cli.options import add_feature_options, add_model_options, add_parallel_options, model_name, open_pipeline
 from flux2.cli.output import FORMATS, output_target
 from flux2.cli.request_options import add_request_options, request_from_args, resolved_for_flags
 from flux2.registry import model_info
@@ -35,6 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         )  # fmt: skip
         _request_options(p, images_required=name == "edit")
         add_model_options(p)
+        add_parallel_options(p)
         add_feature_options(p)
         _output_options(p)
         p.set_defaults(handler=run)

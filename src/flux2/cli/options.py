@@ -1,6 +1,7 @@
 """Options shared by the subcommands, and the pipeline they describe."""
 
 import argparse
+import atexit
 import os
 import sys
 import typing
@@ -25,6 +26,18 @@ def add_model_options(p: argparse.ArgumentParser, *, model: bool = True) -> None
     p.add_argument("--weights-dir", type=Path, help="folder holding the weights (default: $FLUX2_WEIGHTS_DIR)")
     p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until they run")
     add_acceleration_options(p.add_argument_group("speed and memory"))
+
+
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """One image over several devices (one-shot commands)."""
+    group = p.add_argument_group("several devices")
+    group.add_argument("--gpus", type=int, default=1, help="split each image over N processes, one GPU each (CPU "
+                       "processes without CUDA): CFG halves and sequence slices (default: 1)")  # fmt: skip
+    group.add_argument(
+        "--tensor-parallel",
+        action="store_true",
+        help="with --gpus: shard the weights instead (for a model too big for one GPU, e.g. [dev])",
+    )
 
 
 def add_acceleration_options(p, unset_is_none: bool = False) -> None:
@@ -108,6 +121,10 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
 
     check_device(args.device)
     warn_unused_options(args)
+    if getattr(args, "gpus", 1) != 1 or getattr(args, "tensor_parallel", False):
+        from flux2.transforms.acceleration import Applied
+
+        return open_parallel(args, name), Applied()
     acceleration = acceleration_from_args(args)
     acceleration.prepare()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
@@ -124,6 +141,42 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
         print("note: no GPU found, running on the CPU: expect minutes per image", file=sys.stderr)
     pipe.upsampler = upsampler_for(args, pipe, args.upsample)
     return pipe, acceleration.apply(pipe)
+
+
+class ParallelRun:
+    """A flux2.parallel.ParallelWorker where the CLI expects a pipeline (its `run`); stopped at exit."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        atexit.register(worker.close)
+
+    def run(self, request, *, callback=None, cancel=None):
+        return self.worker.run(request, progress=callback, cancel=cancel)
+
+    def generate_many(self, *args, **kwargs):
+        raise ValueError("--prompt-file cannot be combined with --gpus yet: run one prompt at a time")
+
+
+def open_parallel(args: argparse.Namespace, name: str) -> ParallelRun:
+    """--gpus N: N processes generate each image together (flux2.parallel); only the options they support."""
+    import torch
+
+    from flux2.parallel import ParallelWorker
+    from flux2.pipeline import DEFAULT_WATERMARK
+    from flux2.transforms.acceleration import Acceleration
+
+    if args.gpus < 1 or (args.tensor_parallel and args.gpus < 2):
+        raise ValueError(f"--gpus must be 2 or more to split a model (--tensor-parallel needs it too), got {args.gpus}")
+    if acceleration_from_args(args) != Acceleration(threads=args.threads) or args.cpu_offload:
+        raise ValueError("--gpus cannot be combined with the speed and memory options or --cpu-offload yet")
+    if args.upsample != "none":
+        raise ValueError("--gpus cannot be combined with --upsample: upsample first, and pass the result as the prompt")
+    device = "cuda" if torch.cuda.is_available() and (args.device or "cuda").startswith("cuda") else "cpu"
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    options = {"safety": _safety(args), "watermark": None if args.no_watermark else DEFAULT_WATERMARK}
+    options |= {"dtype": dtype} if dtype else {}
+    options |= {"weights_dir": args.weights_dir} if args.weights_dir else {}
+    return ParallelRun(ParallelWorker(name, args.gpus, device=device, tensor=args.tensor_parallel, **options))
 
 
 def upsampler_for(args: argparse.Namespace, pipe, mode: str, model: str | None = None, **options):
