@@ -52,6 +52,21 @@ TINY_TEXT = TextEncoderInfo("tiny", "", "", "", "")
 
 
 @dataclass(frozen=True)
+class SideModel:
+    """A model that an option loads besides the image model, and the option that points at another one."""
+
+    label: str
+    repo_id: str  # default Hub id
+    option: str
+
+
+# The reference's NSFW classifier (--safety classifier / full), and the chat model of the "full" safety check and
+# of local prompt upsampling (Mistral-Small 3.2; on [dev] its own loaded text encoder serves instead).
+NSFW_CLASSIFIER = SideModel("the NSFW image classifier", "Falconsai/nsfw_image_detection", "--nsfw-model")
+CHAT_MODEL = SideModel("the chat model (safety 'full', local upsampling)", MISTRAL_SMALL.repo_id, "--upsample-model")
+
+
+@dataclass(frozen=True)
 class HubWeights:
     """Published weights: found through environment variables, a weights folder or the Hugging Face Hub
     (`flux2.weights` says where it looks)."""

@@ -37,6 +37,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from flux2.images import open_image, tensor_to_image
+from flux2.registry import NSFW_CLASSIFIER
 from flux2.system_messages import (
     PROMPT_IMAGE_INTEGRITY,
     PROMPT_IMAGE_INTEGRITY_FOLLOW_UP,
@@ -53,7 +54,7 @@ from flux2.text_encoder import (
     load_processor,
 )
 
-NSFW_MODEL_ID = "Falconsai/nsfw_image_detection"
+NSFW_MODEL_ID = NSFW_CLASSIFIER.repo_id
 NSFW_LABEL = "nsfw"
 NSFW_THRESHOLD = 0.85  # the reference's: flagged when the "nsfw" score is strictly above it
 # The reference shrinks (or enlarges) every image to about 512^2 px before the LLM check: "enough for checking".

@@ -310,7 +310,7 @@ def _check_access(sources: list[HubSource]) -> None:
             source.check_access()
         except Exception as err:
             problems.append(_download_problem(source, err))
-            if _is_unreachable(err):  # the other repos would only say the same
+            if hub_unreachable(err):  # the other repos would only say the same
                 break
     if problems:
         raise WeightsDownloadError("; ".join(problems))
@@ -336,7 +336,7 @@ def _download_problem(source: HubSource, err: Exception) -> str:
             f"{repo} was not found or needs a login: log in with `hf auth login` "
             f"(for a gated repo, also accept its licence at {page})"
         )
-    if _is_unreachable(err):
+    if hub_unreachable(err):
         return (
             f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to download {repo}: check the network, "
             f"or set HF_ENDPOINT (a mirror) or HTTPS_PROXY; offline, copy the files to this machine and set "
@@ -348,7 +348,7 @@ def _download_problem(source: HubSource, err: Exception) -> str:
     return f"downloading {repo} failed: {type(err).__name__}: {detail}"
 
 
-def _is_unreachable(err: Exception) -> bool:
+def hub_unreachable(err: Exception) -> bool:
     """No answer from the Hub (network, proxy, timeout, offline mode) or a server-side failure."""
     # By class name: huggingface_hub's HTTP client (requests, httpx, httpx2) depends on its version.
     names = {cls.__name__ for cls in type(err).__mro__}
@@ -369,7 +369,7 @@ def _hub_out_of_reach(info: ModelInfo, parts: list[str]) -> str:
     try:
         hub_sources(info)[parts[0]].check_access()
     except Exception as err:
-        if _is_unreachable(err):
+        if hub_unreachable(err):
             return f"the Hugging Face Hub at {constants.ENDPOINT} is not reachable"
     return ""
 

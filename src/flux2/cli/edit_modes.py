@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     name = model_name(args)
     target = output_target(args.output, args.format)
     request = resolved_for_flags(edit_request(args), model_info(name))
-    check_side_files(request)
+    check_side_files(request, args, name)
     from flux2.cli.run import generate_and_save  # torch and the models' code: only once the input is known good
     from flux2.progress import TerminalProgress
 

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     request = resolved_for_flags(request_from_args(args, prompt=prompts[0], reference_images=images), model_info(name))
     for prompt in prompts[1:]:
         request.with_inputs(prompt=prompt)  # each line is checked (its length) before anything loads
-    check_side_files(request)
+    check_side_files(request, args, name)
     from flux2.cli.run import generate_and_save  # torch and the models' code: only once the input is known good
     from flux2.progress import TerminalProgress
 
@@ -138,13 +138,27 @@ def report_acceleration(applied) -> None:
         print(f"peak memory per stage ({applied.memory.source}):\n{applied.memory.format()}", file=sys.stderr)
 
 
-def check_side_files(request) -> None:
-    """The files a run reads besides the weights, before the weights load: the LoRAs, and the signing
-    certificate and key of the Content Credentials (FLUX2_C2PA_CERT / FLUX2_C2PA_KEY)."""
+def check_side_files(request, args: argparse.Namespace, name: str) -> None:
+    """What a run reads besides the image model's weights, checked before those load: the LoRAs, the models that
+    --safety and --upsample load (here, or the Hub reachable), and the signing certificate and key of the Content
+    Credentials (FLUX2_C2PA_CERT / FLUX2_C2PA_KEY)."""
     from flux2.content_credentials import check_signing
+    from flux2.side_models import check_side_models, side_models_needed
 
     check_lora_files(request.loras)
+    needed = side_models_needed(model_info(name), args.safety, args.upsample, args.nsfw_model, args.upsample_model)
+    check_side_models(needed, fetch_command=fetch_command(name, args))
     check_signing()
+
+
+def fetch_command(name: str, args: argparse.Namespace) -> str:
+    """The `flux2 download` command that fetches what these options load."""
+    given = {"--safety": args.safety, "--upsample": args.upsample, "--nsfw-model": args.nsfw_model,
+             "--upsample-model": args.upsample_model}  # fmt: skip
+    unset = ("off", "none", None)
+    return " ".join(
+        ["flux2 download", name, *(f"{flag} {value}" for flag, value in given.items() if value not in unset)]
+    )
 
 
 def check_lora_files(loras) -> None:

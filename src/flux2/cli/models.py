@@ -6,7 +6,7 @@ import sys
 from collections.abc import Collection
 from pathlib import Path
 
-from flux2.registry import DEFAULT_MODEL, FLUX2_MODEL_INFO, ModelInfo, model_info
+from flux2.registry import CHAT_MODEL, DEFAULT_MODEL, FLUX2_MODEL_INFO, NSFW_CLASSIFIER, ModelInfo, model_info
 from flux2.weights import (
     ALL_PARTS,
     WEIGHTS_DIR_ENV,
@@ -26,6 +26,7 @@ MODELS_EXAMPLES = """examples:
 DOWNLOAD_EXAMPLES = """examples:
   flux2 download flux.2-klein-4b                        every part, into the Hugging Face cache
   flux2 download flux.2-klein-9b --parts transformer    only the transformer
+  flux2 download flux.2-klein-4b --safety classifier    also the NSFW classifier that --safety needs
   HF_ENDPOINT=https://my-mirror.example flux2 download flux.2-klein-4b
 
 A gated repo (such as FLUX.2 [dev], which also holds the autoencoder) needs its licence accepted on the Hub
@@ -57,6 +58,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--parts", default=",".join(ALL_PARTS), help=f"comma-separated, any of {','.join(ALL_PARTS)} (default: all)"
     )
+    p.add_argument("--safety", choices=["off", "classifier", "full"], default="off",
+                   help="also fetch the models this --safety mode loads")  # fmt: skip
+    p.add_argument("--upsample", choices=["none", "local"], default="none",
+                   help="also fetch the chat model that local prompt upsampling loads")  # fmt: skip
+    p.add_argument("--nsfw-model", help="the classifier's Hub id, if not the default")
+    p.add_argument("--upsample-model", help="the upsampling chat model's Hub id, if not the default")
     _weights_dir_option(p)
     p.set_defaults(handler=download)
 
@@ -79,7 +86,22 @@ def list_models(args: argparse.Namespace) -> int:
     for name, parts in found.items():
         print()
         print("\n".join(_describe_model(FLUX2_MODEL_INFO[name], parts)))
+    print("\nloaded by options:")
+    print("\n".join(_side_model_lines()))
     return 0
+
+
+def _side_model_lines() -> list[str]:
+    """The side models at their default ids: here or not (flux2.side_models)."""
+    from flux2.side_models import local_side_model
+
+    lines = []
+    for model, used_by in ((NSFW_CLASSIFIER, "--safety classifier/full"), (CHAT_MODEL, "--safety full, --upsample "
+                                                                           "local; [dev] uses its own")):  # fmt: skip
+        path = local_side_model(model.repo_id)
+        where = f"{human_size(disk_size(path))}  {path}" if path else "missing, not in the local Hugging Face cache"
+        lines.append(f"  {model.repo_id} ({used_by}): {where}")
+    return lines
 
 
 def _describe_model(info: ModelInfo, parts: dict[str, LocalPart] | None) -> list[str]:
@@ -148,7 +170,12 @@ def _hf_cache() -> str:
 
 
 def download(args: argparse.Namespace) -> int:
+    from flux2.side_models import download_side_models, side_models_needed
+
     info = model_info(args.model)
+    side = side_models_needed(info, args.safety, args.upsample, args.nsfw_model, args.upsample_model)
+    for name, path in download_side_models(side).items():
+        print(f"{name}: {path}")
     if not info.needs_files:
         print(f"{info.name} needs no download: it is built in, with random weights (its images are noise)")
         return 0
