@@ -124,6 +124,23 @@ def test_all_black_mask_returns_the_source_and_all_white_is_generation_with_the_
     assert np.array_equal(array(inpainted.image), array(generated.image))
 
 
+def test_a_tiny_masked_crop_is_scaled_up_at_most_four_times_per_side():
+    """A 40 px mask with crop_padding is edited at 4x its box, not at the 1 MP working size (it took minutes)."""
+    from flux2.editing import CROP_MAX_UPSCALE, edit_source
+    from flux2.request import GenerationRequest
+
+    image = Image.new("RGB", (1024, 1024), "grey")
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (500, 500, 540, 540))
+    settings = {"prompt": "x", "image": image, "mask": mask, "crop_padding": 12, "mask_blur": 0}
+    request = GenerationRequest.from_settings("inpaint", mode="inpaint", **settings)
+    source = edit_source(request)
+    box = source.region.size
+    assert box == (64, 64)  # 40 px + 12 px a side
+    assert source.settings["work_size"] == [int(side * CROP_MAX_UPSCALE) for side in box]  # 256 x 256, not 1024
+    assert source.settings["work_size"][0] * source.settings["work_size"][1] < request.max_pixels / 10
+
+
 def test_crop_around_the_mask_runs_at_its_own_size_and_leaves_the_rest_untouched(pipe):
     big = Image.fromarray(np.random.default_rng(4).integers(0, 256, size=(200, 320, 3), dtype=np.uint8))
     small_mask = Image.new("L", big.size, 0)
