@@ -34,6 +34,7 @@ def test_cli_options_change_nothing_in_the_image_when_they_are_exact(tmp_path, c
         (["--step-cache", "2"], "step_cache must be a threshold in [0, 1], got 2.0"),
         (["--threads", "0"], "threads must be a positive integer, got 0"),
         (["--tiled-decode", "yes"], "tiled_decode must be one of auto, on, off, got 'yes'"),
+        (["--fp8", "e4m3"], "fp8 must be one of off, tensor, rowwise, got 'e4m3'"),
     ],
 )
 def test_bad_settings_fail_before_loading(tmp_path, cli_env, args, message):
@@ -61,3 +62,20 @@ def test_the_cli_lists_the_attention_backends_the_transform_knows():
     from flux2.transforms.attention import NAMES
 
     assert ATTENTION_NAMES == NAMES
+
+
+def test_fp8_setting_quantizes_the_transformer_and_halves_its_linear_weights():
+    from flux2.transforms.quantized import QuantizedLinear
+
+    pipe = Flux2Pipeline("tiny", device="cpu", watermark=None)
+    [before] = pipe.generate("a fox", width=64, height=64, seed=1)
+    dense_bytes = sum(
+        m.weight.nbytes for m in pipe.flow_model.modules() if type(m).__name__ == "Linear" and m.bias is None
+    )
+    Acceleration(fp8="rowwise").check().apply(pipe)
+    layers = [m for m in pipe.flow_model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.weight_scale.shape == (m.out_features, 1) for m in layers)
+    assert sum(m.weight.nbytes for m in layers) == dense_bytes // 4  # fp32 -> float8 (bf16 -> float8 on a GPU: 1/2)
+    [after] = pipe.generate("a fox", width=64, height=64, seed=1)
+    error = np.abs(np.asarray(after.image, float) - np.asarray(before.image, float))
+    assert 0 < error.max() and error.mean() < 8  # measured: a few levels on the tiny model's noise images

@@ -356,3 +356,25 @@ def test_quantize_model_fp8_and_back(reference):
 def test_unsupported_gguf_type_lists_supported():
     with pytest.raises(CheckpointError, match=r"x.weight: GGUF type Q8_1 is not supported; supported: \[.*'Q6_K'"):
         _check_supported("x.weight", GGML.Q8_1)
+
+
+def test_rowwise_fp8_compute_quantizes_activations_and_beats_a_per_tensor_scale():
+    """The float8 GEMM (torch._scaled_mm; on the CPU here, tensor cores on Ada/Hopper) with row-wise scales: rows of
+    very different magnitude keep their precision, where one scale for the tensor crushes the small rows."""
+    from flux2.transforms.quantized import QuantizedLinear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=g) * torch.logspace(-6, 0, 64)[:, None]  # beyond e4m3's range
+    x = torch.randn(16, 128, generator=g)
+    exact = x @ weight.T
+
+    def error(rowwise: bool, compute: str = "scaled_mm") -> float:
+        out = QuantizedLinear(quantize_fp8(weight, rowwise=rowwise), compute=compute)(x)
+        return ((out - exact).norm(dim=0) / exact.norm(dim=0)).max().item()  # the worst output channel
+
+    assert error(rowwise=True) < 0.08  # e4m3 has 3 mantissa bits: a few % per product
+    assert error(rowwise=False) > 3 * error(rowwise=True)  # negative control: one scale for all rows
+    weight_only = error(rowwise=True, compute="dequantize")
+    assert weight_only < error(rowwise=True)  # the float8 GEMM also rounds the activations
+    with pytest.raises(ValueError, match="compute must be one of auto, scaled_mm, dequantize"):
+        QuantizedLinear(quantize_fp8(weight), compute="fast")

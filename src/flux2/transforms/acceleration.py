@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 # (tests/test_acceleration.py checks that the two agree).
 ATTENTION_NAMES = ("auto", "math", "efficient", "flash", "cudnn", "sage", "fa3")
 TILED_DECODE = {"auto": None, "on": True, "off": False}  # -> Flux2Pipeline.tiling
+FP8_MODES = ("off", "tensor", "rowwise")  # float8 transformer weights: one scale per layer, or per output row
 STEP_CACHE_MAX = 1.0  # a relative change of the first block's output: past 1 every step after the first is skipped
 
 
@@ -30,6 +31,11 @@ class Acceleration:
         "change (0: off; 0.05-0.2 for the 50-step models)"
     )  # fmt: skip
     block_offload: bool = setting(False, "keep the transformer's blocks on the CPU, a few at a time on the GPU")
+    fp8: str = setting(
+        "off", "float8 transformer weights: off, tensor (a scale per layer), rowwise (per output row: closer); "
+        "GPUs with float8 tensor cores (Ada, Hopper) then also compute in float8, others keep bf16 maths at half "
+        "the weight memory"
+    )  # fmt: skip
     offload_text_encoder: bool = setting(False, "keep the text encoder on the CPU except while it encodes")
     tiled_decode: str = setting("auto", "decode in overlapping tiles: auto (images above 8 MP), on, off")
     memory_report: bool = setting(False, "record the peak memory of each stage (GPU: allocated; CPU: resident)")
@@ -40,6 +46,8 @@ class Acceleration:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.attention not in ATTENTION_NAMES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}, got {self.attention!r}")
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}, got {self.fp8!r}")
         if self.tiled_decode not in TILED_DECODE:
             raise ValueError(f"tiled_decode must be one of {', '.join(TILED_DECODE)}, got {self.tiled_decode!r}")
         if not 0 <= self.step_cache <= STEP_CACHE_MAX:
@@ -61,12 +69,15 @@ class Acceleration:
         from flux2.transforms.compile import compile_pipeline
         from flux2.transforms.memory import memory_report
         from flux2.transforms.offload import cpu_offload
+        from flux2.transforms.quantized import quantize_model_fp8
         from flux2.transforms.step_cache import enable_step_cache
 
         applied = Applied()
         pipe.tiling = TILED_DECODE[self.tiled_decode]
         if self.offload_text_encoder:
             cpu_offload(pipe, parts=("text_encoder",))
+        if self.fp8 != "off":  # before compile, which then traces the float8 layers
+            quantize_model_fp8(pipe.flow_model, rowwise=self.fp8 == "rowwise")
         if self.compile:  # first: the block transforms below wrap the compiled blocks
             compile_pipeline(pipe)
         if self.attention != "auto":
