@@ -140,6 +140,21 @@ def test_models_shows_the_parts_in_a_weights_folder(isolated, studio_folder, cap
     assert "  transformer     missing  not in the local Hugging Face cache\n" in listing
 
 
+def test_a_folders_text_encoder_counts_only_for_the_models_it_can_serve(isolated, studio_folder, capsys):
+    """The folder's text_encoder/ is a Qwen3: [dev] (Mistral) does not get it; once its config says Qwen3-4B's
+    width, klein 9B (Qwen3-8B) does not either, and the listing says why."""
+    models = models_json(capsys, "--weights-dir", str(studio_folder))
+    assert models["flux.2-klein-9b"]["parts"]["text_encoder"]["present"]  # a stand-in of no published width
+    dev = models["flux.2-dev"]["parts"]["text_encoder"]
+    assert not dev["present"] and "holds a qwen3 text encoder, not mistral3" in dev["missing"]
+    config = studio_folder / "text_encoder" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"hidden_size": 2560}))
+    models = models_json(capsys, "--weights-dir", str(studio_folder))
+    assert models["flux.2-klein-4b"]["parts"]["text_encoder"]["present"]
+    nine = models["flux.2-klein-9b"]["parts"]["text_encoder"]
+    assert not nine["present"] and "of width 2560, not Qwen/Qwen3-8B's 4096" in nine["missing"]
+
+
 def test_models_reports_a_variable_naming_a_missing_path(isolated, tmp_path, capsys):
     isolated.setenv(KLEIN_4B.env_var, str(tmp_path / "gone.safetensors"))
     transformer = models_json(capsys)["flux.2-klein-4b"]["parts"]["transformer"]

@@ -36,10 +36,11 @@ class TextEncoderInfo:
     env_var: str  # folder of the weights (transformers layout)
     tokenizer_repo_id: str
     tokenizer_env_var: str
+    hidden_size: int = 0  # the published model's (its config.json); 0: not known
 
 
-QWEN3_4B = TextEncoderInfo("qwen3", "Qwen/Qwen3-4B", "QWEN3_4B_PATH", "Qwen/Qwen3-4B", "QWEN3_4B_TOKENIZER_PATH")
-QWEN3_8B = TextEncoderInfo("qwen3", "Qwen/Qwen3-8B", "QWEN3_8B_PATH", "Qwen/Qwen3-8B", "QWEN3_8B_TOKENIZER_PATH")
+QWEN3_4B = TextEncoderInfo("qwen3", "Qwen/Qwen3-4B", "QWEN3_4B_PATH", "Qwen/Qwen3-4B", "QWEN3_4B_TOKENIZER_PATH", 2560)
+QWEN3_8B = TextEncoderInfo("qwen3", "Qwen/Qwen3-8B", "QWEN3_8B_PATH", "Qwen/Qwen3-8B", "QWEN3_8B_TOKENIZER_PATH", 4096)
 # The reference loads the Mistral weights and its processor from two different repos.
 MISTRAL_SMALL = TextEncoderInfo(
     "mistral3",
@@ -47,7 +48,9 @@ MISTRAL_SMALL = TextEncoderInfo(
     "MISTRAL_PATH",
     "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
     "MISTRAL_TOKENIZER_PATH",
+    5120,
 )
+PUBLISHED_TEXT_ENCODERS = (QWEN3_4B, QWEN3_8B, MISTRAL_SMALL)
 TINY_TEXT = TextEncoderInfo("tiny", "", "", "", "")
 
 

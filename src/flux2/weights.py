@@ -5,12 +5,13 @@ optional `vae/`, `text_encoder/`, `tokenizer/` side by side) or like a diffusers
 (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`); both work as they are.
 """
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux2.registry import ModelInfo, TextEncoderInfo
+from flux2.registry import PUBLISHED_TEXT_ENCODERS, ModelInfo, TextEncoderInfo
 
 WEIGHTS_DIR_ENV = "FLUX2_WEIGHTS_DIR"
 AE_ENV = "AE_MODEL_PATH"
@@ -105,13 +106,38 @@ def find_text_encoder(enc: TextEncoderInfo, weights_dir: Path | None, download: 
 
 
 def find_text_encoder_model(enc: TextEncoderInfo, weights_dir: Path | None, download: bool = True) -> Path:
-    """The text encoder's weights folder (transformers layout)."""
+    """The text encoder's weights folder (transformers layout). A weights folder's `text_encoder/` serves only a
+    model whose encoder it can be (see `_other_models_encoder`)."""
     if (path := _env_path(enc.env_var)) is not None:
         return path
-    if weights_dir is not None and _is_folder_with(weights_dir / "text_encoder", "*.json"):
-        return weights_dir / "text_encoder"
+    folder, foreign = weights_dir / "text_encoder" if weights_dir is not None else None, ""
+    if folder is not None and _is_folder_with(folder, "*.json"):
+        if not (foreign := _other_models_encoder(folder, enc)):
+            return folder
     what = f"the text encoder {enc.repo_id} (text_encoder/)"
-    return _hub_snapshot(enc.repo_id, TEXT_ENCODER_PATTERNS, download, what, enc.env_var)
+    try:
+        return _hub_snapshot(enc.repo_id, TEXT_ENCODER_PATTERNS, download, what, enc.env_var)
+    except WeightsNotFoundError as err:
+        if foreign:
+            raise _not_found(what, enc.env_var, enc.repo_id, f"{foreign}, and {err.reason}") from err
+        raise
+
+
+def _other_models_encoder(folder: Path, enc: TextEncoderInfo) -> str:
+    """Why `folder` holds another model's text encoder ("" when it may be this one's): its config's model type,
+    or a published model's hidden size that is not this encoder's. (Test stand-ins have other sizes: they pass.)"""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    kind = config.get("model_type")
+    if kind in {known.kind for known in PUBLISHED_TEXT_ENCODERS} and kind != enc.kind:
+        return f"{folder} holds a {kind} text encoder, not {enc.kind}"
+    hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+    published = {known.hidden_size for known in PUBLISHED_TEXT_ENCODERS}
+    if enc.hidden_size and hidden in published and hidden != enc.hidden_size:
+        return f"{folder} holds a text encoder of width {hidden}, not {enc.repo_id}'s {enc.hidden_size}"
+    return ""
 
 
 def find_tokenizer(
