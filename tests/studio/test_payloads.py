@@ -55,4 +55,5 @@ def test_what_is_not_a_payload_of_this_version_is_refused_naming_the_job():
 
 def test_every_payload_type_has_a_handler_and_a_job_type():
     assert set(HANDLERS) == set(PAYLOADS.values())
-    assert set(JOB_TYPES) == set(PAYLOADS) == {"image", "advanced", "thumbnail", "inpaint", "visualize"}
+    expected = {"image", "advanced", "thumbnail", "inpaint", "outpaint", "img2img", "visualize"}
+    assert set(JOB_TYPES) == set(PAYLOADS) == expected

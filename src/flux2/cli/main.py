@@ -8,7 +8,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flux2 import __version__
-from flux2.cli import edit_modes, generate, info, models, repl, serve
+from flux2.cli import edit_modes, generate, info, models, repl, serve, worker
 from flux2.cli.errors import describe
 
 EXAMPLES = """examples:
@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   flux2 info fox.png                                 the image's provenance and watermark
   flux2 info fox.png --rerun -o again.png            make the image again from its record
   flux2 serve                                        the studio service on http://127.0.0.1:8000
+  flux2 worker --model tiny --database-url postgresql://...   run queued studio jobs (scale-out)
   FLUX2_MODEL=tiny flux2 generate "self-test"        offline, random weights: a noise image
 """
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flux2 {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (repl, generate, edit_modes, models, info, serve):
+    for command in (repl, generate, edit_modes, models, info, serve, worker):
         command.add_parsers(sub)
     for subparser in sub.choices.values():  # --verbose also after the subcommand, where users type it
         subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -63,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
     if settings.upsample == "none" and (settings.upsample_model or settings.upsample_url):
         print("warning: --upsample-model and --upsample-url have no effect without --upsample", file=sys.stderr)
     print(f"flux2 studio on http://{settings.host}:{settings.port} (data: {settings.data_dir.resolve()})")
+    print(f"the web page: open http://{settings.host}:{settings.port}/ in a browser")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
     return 0

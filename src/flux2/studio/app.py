@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse
 
 from flux2 import __version__
 from flux2.registry import model_info
-from flux2.studio.api import assets, edit, events, jobs, loras, projects, storyboard
+from flux2.studio.api import assets, edit, events, jobs, loras, metrics, openai_images, projects, storyboard, web
 from flux2.studio.api.deps import Studio, token_matches
 from flux2.studio.api.responses import Health
 from flux2.studio.config import StudioSettings
-from flux2.studio.db import make_engine, upgrade
+from flux2.studio.db import is_postgres, make_engine, upgrade
 from flux2.studio.events import EventBus
 from flux2.studio.jobs_store import JobStore
 from flux2.studio.segmentation import SegmentationClient
@@ -39,12 +39,17 @@ def open_studio(settings: StudioSettings, pipeline=None) -> Studio:
     engine = make_engine(settings.db_url)
     upgrade(engine)
     media = MediaStore(settings.data_dir, settings.max_upload_bytes)
+    segmentation = SegmentationClient(settings.segmentation_url, settings.segmentation_timeout_s)
     store = JobStore(engine)
+    if is_postgres(settings.db_url):  # jobs run in `flux2 worker` processes, which own tmp/ while they run
+        from flux2.studio.distributed.worker import QueueWorker
+
+        worker = QueueWorker(settings, store, engine, EventBus(settings.sse_queue_size))
+        return Studio(settings, model, engine, media, store, worker, segmentation)
     if swept := media.sweep_tmp(job.id for job in store.active()):  # before the worker starts writing there
         log.info("removed %d stale temporary file(s) or workspace(s): %s", len(swept), ", ".join(swept[:20]))
     tasks = Tasks(PipelineHolder(settings, pipeline), media, engine)
     worker = LocalWorker(store, tasks, EventBus(settings.sse_queue_size), media)
-    segmentation = SegmentationClient(settings.segmentation_url, settings.segmentation_timeout_s)
     return Studio(settings, model, engine, media, store, worker, segmentation)
 
 
@@ -71,7 +76,7 @@ def create_app(settings: StudioSettings | None = None, pipeline=None) -> FastAPI
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
     app.add_exception_handler(ValueError, _bad_request)
-    for module in (jobs, projects, storyboard, assets, edit, loras, events):
+    for module in (jobs, projects, storyboard, assets, edit, loras, events, web, openai_images, metrics):
         app.include_router(module.router)
     app.include_router(assets.media_router)  # last: /projects/{path} would shadow the project routes
 
@@ -87,10 +92,15 @@ MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around an upload's 
 
 def _gatekeeper(settings: StudioSettings):
     """Before any route runs: the API token (on every path, the docs included; as ?token= only for GETs, which
-    browsers make for media and SSE without headers), and the upload size (refused before the body is read)."""
+    browsers make for media and SSE without headers), and the upload size (refused before the body is read).
+    Only the web page's own files pass without a token (GET `/` and `/web/<name>.html|js|css|svg`): they hold no
+    data, and the page asks its user for the token when the API answers 401."""
 
     async def check(request: Request, call_next):
-        if settings.api_token and not token_matches(request, settings.api_token):
+        public = request.method == "GET" and web.is_page_file(request.url.path)
+        if settings.api_token and not public and not token_matches(request, settings.api_token):
+            if request.url.path.startswith(openai_images.PREFIX + "/"):  # OpenAI clients read their own error shape
+                return openai_images.unauthorized()
             return JSONResponse({"detail": "missing or wrong API token: send Authorization: Bearer <token>"}, 401)
         length = request.headers.get("content-length", "")
         if (

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -51,9 +51,16 @@ class StudioSettings(BaseSettings):
     attention: str = "auto"
     step_cache: float = Field(0.0, ge=0, le=1)
     block_offload: bool = False
+    fp8: str = "off"
     offload_text_encoder: bool = False
     tiled_decode: str = "auto"
     memory_report: bool = False
+    # With a PostgreSQL database_url, jobs run in `flux2 worker` processes (flux2.studio.distributed): a worker
+    # renews the lease of its job every heartbeat_s; a job whose lease is older than stall_timeout_s is swept
+    # back to the queue (its worker is presumed dead), at most until it was started max_attempts times.
+    heartbeat_s: float = Field(2.0, gt=0)
+    stall_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -69,6 +76,13 @@ class StudioSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _lease_can_miss_a_beat(self) -> "StudioSettings":
+        if self.stall_timeout_s < 3 * self.heartbeat_s:
+            raise ValueError(f"stall_timeout_s must be at least 3 x heartbeat_s ({3 * self.heartbeat_s} s), got "
+                             f"{self.stall_timeout_s} s: a busy worker would lose its job")  # fmt: skip
+        return self
 
     def acceleration(self):
         from flux2.transforms.acceleration import Acceleration, acceleration_fields

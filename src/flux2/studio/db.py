@@ -1,7 +1,8 @@
 """The studio database: the engine, migrations to the latest schema, and sessions.
 
-SQLite in the data folder is the embedded default; any SQLAlchemy URL works (PostgreSQL: change `database_url`).
-The schema is owned by the Alembic revisions in `migrations/`, so an existing database upgrades in place.
+SQLite in the data folder is the embedded default; PostgreSQL (`postgresql://...`, driven by psycopg 3) is the
+database of a service spread over several processes (`flux2.studio.distributed`). The schema is owned by the
+Alembic revisions in `migrations/`, so an existing database upgrades in place.
 """
 
 import sqlite3
@@ -19,6 +20,30 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # How long a SQLite writer waits for another one before "database is locked": writes here take milliseconds, so
 # reaching this means something is stuck.
 SQLITE_BUSY_TIMEOUT_S = 30
+# Held while migrating a PostgreSQL database, so processes starting together upgrade it one after another
+# (an arbitrary constant: the key of a transaction-level advisory lock).
+MIGRATION_LOCK_KEY = 0x464C5558  # "FLUX"
+
+
+def is_postgres(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """`url` with a driver SQLAlchemy can use: a bare `postgresql://` URL (as libpq and procrastinate take it)
+    gets psycopg 3, the PostgreSQL driver this package depends on."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
+def libpq_url(url: str) -> str:
+    """`url` as libpq takes it (psycopg, procrastinate): without SQLAlchemy's `+driver` part."""
+    parsed = make_url(url)
+    if not is_postgres(url):
+        raise ValueError(f"database_url must be a PostgreSQL URL (postgresql://...), got {parsed.drivername}://")
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def make_engine(url: str) -> Engine:
@@ -26,7 +51,7 @@ def make_engine(url: str) -> Engine:
     never block the writer), foreign keys enforced, and writers wait for each other instead of failing."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(sqlalchemy_url(url), pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
@@ -93,6 +118,8 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     """
     with engine.connect() as connection:
         if connection.dialect.name != "sqlite":
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
             yield connection
             connection.commit()
             return

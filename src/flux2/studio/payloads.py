@@ -78,6 +78,22 @@ class InpaintJob(Payload):
 
 
 @dataclass(frozen=True, kw_only=True)
+class OutpaintJob(Payload):
+    """Outpainting: the request's `image` (a media URL, resolved to a file when it runs) on a canvas grown by the
+    request's margins."""
+
+    job_type: ClassVar[str] = "outpaint"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Img2ImgJob(Payload):
+    """Image-to-image: the request's `image` (a media URL, resolved to a file when it runs) noised to the
+    request's strength, then denoised."""
+
+    job_type: ClassVar[str] = "img2img"
+
+
+@dataclass(frozen=True, kw_only=True)
 class VisualizeJob(Payload):
     """A picture of an element, which becomes the element's image."""
 
@@ -86,9 +102,9 @@ class VisualizeJob(Payload):
     element_id: str
 
 
-JobPayload = ImageJob | ShotJob | ThumbnailJob | InpaintJob | VisualizeJob
+JobPayload = ImageJob | ShotJob | ThumbnailJob | InpaintJob | OutpaintJob | Img2ImgJob | VisualizeJob
 PAYLOADS: dict[str, type[JobPayload]] = {
-    kind.job_type: kind for kind in (ImageJob, ShotJob, ThumbnailJob, InpaintJob, VisualizeJob)
+    kind.job_type: kind for kind in (ImageJob, ShotJob, ThumbnailJob, InpaintJob, OutpaintJob, Img2ImgJob, VisualizeJob)
 }
 
 

@@ -1,5 +1,6 @@
 """The model work behind each job type: image generation (also a single-frame shot and a shot's storyboard
-thumbnail), inpainting and element pictures; `HANDLERS` maps each payload type to its handler.
+thumbnail), edits of a source picture (inpainting, outpainting, image-to-image) and element pictures; `HANDLERS`
+maps each payload type to its handler.
 
 Tasks run in the worker's thread, one at a time. Each runs the request its job was queued with (references,
 sources and masks resolved to files now), writes its files in the job's workspace, moves them into place under
@@ -20,7 +21,16 @@ from sqlmodel import Session, select
 
 from flux2.request import GenerationRequest
 from flux2.studio.config import StudioSettings
-from flux2.studio.payloads import ImageJob, InpaintJob, JobPayload, ShotJob, ThumbnailJob, VisualizeJob
+from flux2.studio.payloads import (
+    ImageJob,
+    Img2ImgJob,
+    InpaintJob,
+    JobPayload,
+    OutpaintJob,
+    ShotJob,
+    ThumbnailJob,
+    VisualizeJob,
+)
 from flux2.studio.records import Asset, Element, Shot
 from flux2.studio.storage import MediaStore
 from flux2.studio.worker import JobCancelled, Reporter, TaskContext, TaskResult
@@ -141,14 +151,19 @@ class Tasks:
         result = self.image(job_id, job, ctx)
         return replace(result, event_type="thumbnail", shot_id=job.shot_id)
 
-    def inpaint(self, job_id: str, job: InpaintJob, ctx: TaskContext) -> TaskResult:
+    def edit(self, job_id: str, job: InpaintJob | OutpaintJob | Img2ImgJob, ctx: TaskContext) -> TaskResult:
+        """Inpainting, outpainting and image-to-image: the request's source (and mask) are media URLs, resolved
+        to files now; the asset records them, and the job's mode is its `source` and its event's type."""
         pipe = self.holder.get(ctx.report)
-        image, mask = job.request.image, job.request.mask
+        request = job.request
         self._say_notes(job, ctx)
-        files = {"image": self.media.resolve(image, "image_path"), "mask": self.media.resolve(mask, "mask_path")}
-        out = self._run(pipe, job.request.with_inputs(**files), ctx)
-        meta = {"prompt": job.request.prompt, "source": "inpaint", "original_image": image, "mask": mask}
-        return self._result(job_id, job.project_id, out, meta, "inpaint")
+        files = {"image": self.media.resolve(request.image, "image_path")}
+        meta = {"prompt": request.prompt, "source": request.mode, "original_image": request.image}
+        if request.mask is not None:
+            files["mask"] = self.media.resolve(request.mask, "mask_path")
+            meta["mask"] = request.mask
+        out = self._run(pipe, request.with_inputs(**files), ctx)
+        return self._result(job_id, job.project_id, out, meta, request.mode)
 
     def visualize(self, job_id: str, job: VisualizeJob, ctx: TaskContext) -> TaskResult:
         self._check_element(job.element_id)
@@ -246,7 +261,9 @@ HANDLERS: dict[type[JobPayload], Handler] = {
     ImageJob: Tasks.image,
     ShotJob: Tasks.image,
     ThumbnailJob: Tasks.thumbnail,
-    InpaintJob: Tasks.inpaint,
+    InpaintJob: Tasks.edit,
+    OutpaintJob: Tasks.edit,
+    Img2ImgJob: Tasks.edit,
     VisualizeJob: Tasks.visualize,
 }
 JOB_TYPES = tuple(payload.job_type for payload in HANDLERS)

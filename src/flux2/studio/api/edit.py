@@ -1,4 +1,5 @@
-"""Inpainting jobs, and masks from the segmentation service (points and labels arrive as JSON, never code).
+"""Editing jobs (inpainting, outpainting, image-to-image), and masks from the segmentation service (points and
+labels arrive as JSON, never code).
 
 /edit/segment and /edit/detect take two forms, told apart by the request's content type: JSON naming a stored
 picture (`image_path`), or multipart with the picture itself as the file `image`, as the studio's masking canvas
@@ -21,11 +22,23 @@ from starlette.datastructures import FormData, UploadFile
 
 from flux2.editing import binary_mask
 from flux2.images import open_mask
+from flux2.params import PIXELS_PER_TOKEN
+from flux2.request import MAX_SIDE
 from flux2.studio.api.deps import JobsDep, MediaDep, ModelDep, SegmentationDep, SessionDep, WorkerDep
 from flux2.studio.api.jobs import IdempotencyKey, Submission, earlier_job, fitted, queue_job
-from flux2.studio.api.responses import FoundObjects, InpaintQueued, Mask, SamHealth
-from flux2.studio.api.schemas import DetectForm, InpaintRequest, SegmentForm, SegmentRequest, TextSegmentRequest
-from flux2.studio.payloads import InpaintJob, read_payload
+from flux2.studio.api.responses import FoundObjects, InpaintQueued, Mask, Queued, SamHealth
+from flux2.studio.api.schemas import (
+    DetectForm,
+    Img2ImgRequest,
+    InpaintRequest,
+    OutpaintRequest,
+    SegmentForm,
+    SegmentRequest,
+    SourceEditRequest,
+    TextSegmentRequest,
+)
+from flux2.studio.payloads import Img2ImgJob, InpaintJob, OutpaintJob, read_payload
+from flux2.studio.records import Asset
 from flux2.studio.segmentation import SegmentationError
 from flux2.studio.storage import check_safe_id
 
@@ -100,6 +113,75 @@ async def inpaint(
 def _inpaint_queued(job) -> InpaintQueued:
     """The answer the job's first submission got."""
     return InpaintQueued(job_id=job.id, status="queued", mask_path=read_payload(job).request.mask)
+
+
+@router.post("/edit/outpaint", summary="Queue an outpainting job: the picture on a canvas grown by the margins")
+async def outpaint(body: OutpaintRequest, jobs: JobsDep, worker: WorkerDep, media: MediaDep, model: ModelDep,
+                   session: SessionDep, idempotency_key: IdempotencyKey = None) -> Queued:  # fmt: skip
+    if not (body.left or body.right or body.top or body.bottom):
+        raise HTTPException(422, "left, right, top, bottom: give at least one margin above 0 px (the border to add)")
+    return await _queue_source_edit("/edit/outpaint", body, OutpaintJob, jobs, worker, media, model, session,
+                                    idempotency_key)  # fmt: skip
+
+
+@router.post("/edit/img2img", summary="Queue an image-to-image job: the picture noised to `strength`, redrawn")
+async def img2img(body: Img2ImgRequest, jobs: JobsDep, worker: WorkerDep, media: MediaDep, model: ModelDep,
+                  session: SessionDep, idempotency_key: IdempotencyKey = None) -> Queued:  # fmt: skip
+    return await _queue_source_edit("/edit/img2img", body, Img2ImgJob, jobs, worker, media, model, session,
+                                    idempotency_key)  # fmt: skip
+
+
+async def _queue_source_edit(route: str, body: SourceEditRequest, kind: type[OutpaintJob | Img2ImgJob], jobs, worker,
+                             media, model, session, idempotency_key: str | None) -> Queued:  # fmt: skip
+    """The outpainting and image-to-image routes: the source found, the body checked against the served model
+    and the source's size, the job queued (or, for a retry with its Idempotency-Key, the job it made)."""
+    submission = Submission.of(idempotency_key, route, body)
+    if (earlier := await run_in_threadpool(earlier_job, session, submission)) is not None:
+        return Queued(job_id=earlier.id, status="queued")
+    image, project_id = await run_in_threadpool(_source, media, session, body.image_path)
+    request, notes = fitted(body, body.to_request(media.url_for(image)), model, media)
+    size = await run_in_threadpool(_picture_size, image)
+    if isinstance(body, OutpaintRequest):
+        _check_canvas(size, body)
+    payload = kind(project_id=project_id, request=request, notes=notes)
+    try:
+        return await run_in_threadpool(queue_job, jobs, worker, payload, None, submission, session)
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
+
+
+def _source(media, session, given: str) -> tuple[Path, str]:
+    """The picture to edit and its project: an asset's file, or a media path inside a project's folder."""
+    asset = session.get(Asset, given) if not given.startswith("/") else None
+    image = _resolve(media, asset.url if asset is not None else given, "image_path")
+    project_id = _project_of(media.url_for(image))
+    if project_id is None:
+        raise HTTPException(422, "image_path must be an asset id or an image of a project (/projects/<id>/...): "
+                                 "upload it with its project_id")  # fmt: skip
+    return image, project_id
+
+
+def _picture_size(image: Path) -> tuple[int, int]:
+    try:
+        with Image.open(image) as picture:
+            return picture.size
+    except (OSError, Image.DecompressionBombError) as err:
+        raise HTTPException(422, f"image_path: not a readable image ({err})") from None
+
+
+def _check_canvas(size: tuple[int, int], body: OutpaintRequest) -> None:
+    """The grown canvas, checked now rather than when the job runs: on the model's 16 px grid, at most MAX_SIDE
+    each way."""
+    for sides, before, grow in (("left and right", size[0], body.left + body.right),
+                                ("top and bottom", size[1], body.top + body.bottom)):  # fmt: skip
+        after = before + grow
+        what = f"{sides}: the picture's {before} px grow to {after} px"
+        if after > MAX_SIDE:
+            raise HTTPException(422, f"{what}, over the {MAX_SIDE} px a side may have: use smaller margins")
+        if after % PIXELS_PER_TOKEN:
+            more, less = PIXELS_PER_TOKEN - after % PIXELS_PER_TOKEN, after % PIXELS_PER_TOKEN
+            hint = f"add {more} px" + (f" or take away {less} px" if grow >= less else "")
+            raise HTTPException(422, f"{what}, not a multiple of {PIXELS_PER_TOKEN}: {hint}")
 
 
 def _check_mask(image: Path, mask: Path, mask_url: str) -> None:

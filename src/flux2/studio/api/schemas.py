@@ -167,6 +167,38 @@ class InpaintRequest(GenerationBody):
         return GenerationRequest(mode="inpaint", image=image, mask=mask, **self.request_values())
 
 
+class SourceEditRequest(GenerationBody):
+    """A job that changes one stored picture as a whole: POST /edit/outpaint and /edit/img2img."""
+
+    image_path: str = Field(min_length=1, description="the picture: an asset id, or its media path as /upload "
+                                                      "answers it (/projects/<id>/...)")  # fmt: skip
+    prompt: str = request_field("prompt", ..., min_length=1)
+    strength: float | None = request_field("strength")  # None: the mode's default
+    num_inference_steps: int | None = request_field("num_steps")
+    guidance_scale: float | None = request_field("guidance")
+    seed: int | None = request_field("seed")
+    enhance_prompt: bool = request_field("upsample", False)
+    mode: ClassVar[str]
+
+    def to_request(self, image: str) -> GenerationRequest:
+        """`image` as a media URL: the job resolves it to a file when it runs."""
+        return GenerationRequest(mode=self.mode, image=image, **self.request_values())
+
+
+class OutpaintRequest(SourceEditRequest):
+    mode: ClassVar[str] = "outpaint"
+
+    left: int = request_field("left")
+    right: int = request_field("right")
+    top: int = request_field("top")
+    bottom: int = request_field("bottom")
+    mask_blur: float = request_field("mask_blur")
+
+
+class Img2ImgRequest(SourceEditRequest):
+    mode: ClassVar[str] = "img2img"
+
+
 class ProjectCreate(Body):
     name: str = Field(min_length=1, max_length=200)
     resolution_w: int = Field(768, ge=64, le=8192)
