@@ -252,12 +252,17 @@ def our_pipeline(arch: Architecture, s: Settings) -> Flux2Pipeline:
 
 @torch.no_grad()
 def diffusers_vae(ae: AutoEncoder) -> nn.Module:
-    """diffusers' AutoencoderKLFlux2 holding views of our autoencoder's weights."""
+    """diffusers' AutoencoderKLFlux2 with our autoencoder's weights, in the layout `from_pretrained` gives it.
+
+    Views would hand it the channels-last weights our pipeline switches to on a CPU, and with them our
+    channels-last speed-up (its convs follow the weights' layout): a contiguous copy keeps diffusers as its users
+    run it. Weights already contiguous (on CUDA) stay shared views."""
     from diffusers import AutoencoderKLFlux2
 
     with torch.device("meta"):
         vae = AutoencoderKLFlux2(**diffusers_ae_config(ae.params))
-    vae.load_state_dict(ae_original_to_diffusers(ae.state_dict()), strict=True, assign=True)
+    weights = {k: v.contiguous() for k, v in ae_original_to_diffusers(ae.state_dict()).items()}
+    vae.load_state_dict(weights, strict=True, assign=True)
     return vae.eval().requires_grad_(False)
 
 

@@ -282,3 +282,23 @@ def test_cli_gpus_2_makes_the_single_process_image(tmp_path, cli_env):
     assert np.array_equal(*pixels)
     refused = flux2(*common, "--gpus", "2", "--compile", cwd=tmp_path, env=cli_env)
     assert refused.returncode == 1 and "--gpus cannot be combined" in refused.stderr
+
+
+def test_studio_gpus_setting_serves_the_model_split(tmp_path, one_thread):
+    """`flux2 serve --gpus 2` / `flux2 worker --gpus 2`: the studio's tasks run the same image on the split model."""
+    from pydantic import ValidationError
+    from studio_server import studio_settings
+
+    from flux2.studio.tasks import PipelineHolder
+
+    pipe = PipelineHolder(studio_settings(tmp_path, gpus=2)).get(lambda *progress: None)
+    try:
+        [split] = pipe.run(request(width=64, height=48, seed=3))
+    finally:
+        pipe.close()
+    [whole] = Flux2Pipeline("tiny", device="cpu").run(request(width=64, height=48, seed=3))
+    assert np.array_equal(np.asarray(split.image), np.asarray(whole.image))
+    with pytest.raises(ValidationError, match="gpus > 1 cannot be combined with upsample"):
+        studio_settings(tmp_path, gpus=2, upsample="local")
+    with pytest.raises(ValidationError, match="gpus > 1 cannot be combined with compile"):
+        studio_settings(tmp_path, gpus=2, compile=True)

@@ -19,6 +19,7 @@ from studio_server import (
     wait_terminal,
 )
 
+from flux2.content_credentials import read_credentials
 from flux2.provenance import read_provenance
 
 SMALL = {"width": 64, "height": 64}
@@ -94,6 +95,11 @@ def test_full_flow_element_upload_generate_follow_sse_fetch_asset_and_metadata(s
     assert record is not None, "the downloaded JPEG carries no generation record"
     assert record["prompt"] == "@Hero walks in the rain" and record["seed"] == status["seed"]
     assert record["model"] == "tiny" and (record["width"], record["height"]) == (64, 64)
+    credentials = read_credentials(downloaded)  # the studio's JPEG carries a signed C2PA manifest too
+    assert credentials is not None and credentials.state == "untrusted", credentials  # intact; a local certificate
+    [created] = [action for action in credentials.actions if action.action == "c2pa.created"]
+    assert created.digital_source_type.endswith("/trainedAlgorithmicMedia") and credentials.model == "tiny"
+    assert len(credentials.ingredients) == 1  # the element's picture, by hash
 
     images = client.get(f"/projects/{project}/images").json()
     [asset] = [a for a in images if a["id"] == asset_id]

@@ -28,14 +28,15 @@ def add_model_options(p: argparse.ArgumentParser, *, model: bool = True) -> None
     add_acceleration_options(p.add_argument_group("speed and memory"))
 
 
-def add_parallel_options(p: argparse.ArgumentParser) -> None:
-    """One image over several devices (one-shot commands)."""
+def add_parallel_options(p: argparse.ArgumentParser, unset_is_none: bool = False) -> None:
+    """One image over several devices."""
     group = p.add_argument_group("several devices")
-    group.add_argument("--gpus", type=int, default=1, help="split each image over N processes, one GPU each (CPU "
-                       "processes without CUDA): CFG halves and sequence slices (default: 1)")  # fmt: skip
+    help = "split each image over N processes, one GPU each (CPU processes without CUDA): CFG halves and sequence "
+    group.add_argument("--gpus", type=int, default=None if unset_is_none else 1, help=help + "slices (default: 1)")
     group.add_argument(
         "--tensor-parallel",
         action="store_true",
+        default=None if unset_is_none else False,
         help="with --gpus: shard the weights instead (for a model too big for one GPU, e.g. [dev])",
     )
 
@@ -143,25 +144,11 @@ def open_pipeline(args: argparse.Namespace, name: str, *, progress=None, flow_mo
     return pipe, acceleration.apply(pipe)
 
 
-class ParallelRun:
-    """A flux2.parallel.ParallelWorker where the CLI expects a pipeline (its `run`); stopped at exit."""
-
-    def __init__(self, worker):
-        self.worker = worker
-        atexit.register(worker.close)
-
-    def run(self, request, *, callback=None, cancel=None):
-        return self.worker.run(request, progress=callback, cancel=cancel)
-
-    def generate_many(self, *args, **kwargs):
-        raise ValueError("--prompt-file cannot be combined with --gpus yet: run one prompt at a time")
-
-
-def open_parallel(args: argparse.Namespace, name: str) -> ParallelRun:
+def open_parallel(args: argparse.Namespace, name: str):
     """--gpus N: N processes generate each image together (flux2.parallel); only the options they support."""
     import torch
 
-    from flux2.parallel import ParallelWorker
+    from flux2.parallel import ParallelPipeline, ParallelWorker
     from flux2.pipeline import DEFAULT_WATERMARK
     from flux2.transforms.acceleration import Acceleration
 
@@ -176,7 +163,9 @@ def open_parallel(args: argparse.Namespace, name: str) -> ParallelRun:
     options = {"safety": _safety(args), "watermark": None if args.no_watermark else DEFAULT_WATERMARK}
     options |= {"dtype": dtype} if dtype else {}
     options |= {"weights_dir": args.weights_dir} if args.weights_dir else {}
-    return ParallelRun(ParallelWorker(name, args.gpus, device=device, tensor=args.tensor_parallel, **options))
+    pipe = ParallelPipeline(ParallelWorker(name, args.gpus, device=device, tensor=args.tensor_parallel, **options))
+    atexit.register(pipe.close)
+    return pipe
 
 
 def upsampler_for(args: argparse.Namespace, pipe, mode: str, model: str | None = None, **options):

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flux2.cli.options import add_acceleration_options
+from flux2.cli.options import add_acceleration_options, add_parallel_options
 from flux2.transforms.acceleration import acceleration_fields
 
 SERVE_EXAMPLES = """examples:
@@ -41,6 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upsample-model", help="local: model folder or Hub id; openrouter: the API's model name")
     p.add_argument("--upsample-url", help="openrouter: an OpenAI-compatible base URL (key: $OPENROUTER_API_KEY)")
     add_acceleration_options(p.add_argument_group("speed and memory"), unset_is_none=True)
+    add_parallel_options(p, unset_is_none=True)
     p.set_defaults(handler=run)
 
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         missing = f"the studio service needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
     names = ("host", "port", "data_dir", "database_url", "model", "device", "cors_origins", "api_token",
-             "segmentation_url", "upsample", "upsample_model", "upsample_url", *acceleration_fields())  # fmt: skip
+             "segmentation_url", "upsample", "upsample_model", "upsample_url", "gpus", "tensor_parallel",
+             *acceleration_fields())  # fmt: skip
     settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     from flux2.registry import model_info
 

@@ -4,7 +4,7 @@ the jobs that `flux2 serve --database-url postgresql://...` processes queue for 
 import argparse
 from pathlib import Path
 
-from flux2.cli.options import add_acceleration_options
+from flux2.cli.options import add_acceleration_options, add_parallel_options
 from flux2.transforms.acceleration import acceleration_fields
 
 WORKER_EXAMPLES = """examples:
@@ -29,6 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stall-timeout-s", type=float,
                    help="seconds of silence after which a worker's job goes back to the queue (30)")  # fmt: skip
     add_acceleration_options(p.add_argument_group("speed and memory"), unset_is_none=True)
+    add_parallel_options(p, unset_is_none=True)
     p.set_defaults(handler=run)
 
 
@@ -40,7 +41,17 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         missing = f"the studio worker needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
-    names = ("database_url", "data_dir", "model", "device", "heartbeat_s", "stall_timeout_s", *acceleration_fields())
+    names = (
+        "database_url",
+        "data_dir",
+        "model",
+        "device",
+        "heartbeat_s",
+        "stall_timeout_s",
+        "gpus",
+        "tensor_parallel",
+        *acceleration_fields(),
+    )
     settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     if settings.database_url is None or not is_postgres(settings.database_url):
         raise ValueError("--database-url must name the studio's PostgreSQL database (postgresql://...): workers "

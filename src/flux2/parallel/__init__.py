@@ -4,6 +4,6 @@
     images = generate_parallel("tiny", GenerationRequest(prompt="a fox", seed=1), world_size=2)
 """
 
-from flux2.parallel.run import ParallelWorker, generate_parallel
+from flux2.parallel.run import ParallelPipeline, ParallelWorker, generate_parallel
 
-__all__ = ["ParallelWorker", "generate_parallel"]
+__all__ = ["ParallelPipeline", "ParallelWorker", "generate_parallel"]

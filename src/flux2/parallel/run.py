@@ -247,6 +247,38 @@ class ParallelWorker:
         self.close()
 
 
+class ParallelPipeline:
+    """A ParallelWorker where a Flux2Pipeline is expected: `run(request, callback=, cancel=)` (what the CLI and
+    the studio's tasks call). No prompt upsampling: each rank would get its own rewrite."""
+
+    text_encoder = None  # not in this process
+
+    def __init__(self, worker: ParallelWorker):
+        self.worker = worker
+        self.info = worker.info
+
+    @property
+    def upsampler(self) -> None:
+        return None
+
+    @upsampler.setter
+    def upsampler(self, upsampler) -> None:
+        if upsampler is not None:
+            raise ValueError("prompt upsampling cannot be combined with a model split over several devices: "
+                             "upsample first, and pass the result as the prompt")  # fmt: skip
+
+    def run(self, request: GenerationRequest, *, callback: ProgressCallback | None = None,
+            cancel: threading.Event | None = None) -> list[GeneratedImage]:  # fmt: skip
+        return self.worker.run(request, progress=callback, cancel=cancel)
+
+    def generate_many(self, *args, **kwargs):
+        raise ValueError("several prompts in one call are not supported with a model split over several devices "
+                         "yet: run one prompt at a time")  # fmt: skip
+
+    def close(self) -> None:
+        self.worker.close()
+
+
 def generate_parallel(
     model_name: str,
     request: GenerationRequest,

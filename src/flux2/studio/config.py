@@ -58,6 +58,10 @@ class StudioSettings(BaseSettings):
     # With a PostgreSQL database_url, jobs run in `flux2 worker` processes (flux2.studio.distributed): a worker
     # renews the lease of its job every heartbeat_s; a job whose lease is older than stall_timeout_s is swept
     # back to the queue (its worker is presumed dead), at most until it was started max_attempts times.
+    # The model split over `gpus` processes, one GPU each (flux2.parallel): CFG halves and sequence slices, or with
+    # tensor_parallel its weights sharded (for [dev] on cards it does not fit). Not with upsampling.
+    gpus: int = Field(1, ge=1)
+    tensor_parallel: bool = False
     heartbeat_s: float = Field(2.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
@@ -76,6 +80,19 @@ class StudioSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _split_model_alone(self) -> "StudioSettings":
+        if (self.gpus > 1 or self.tensor_parallel) and self.upsample != "none":
+            raise ValueError("gpus > 1 cannot be combined with upsample: each device would rewrite the prompt")
+        speed = ("compile", "step_cache", "block_offload", "fp8", "offload_text_encoder", "attention")
+        if self.gpus > 1 and (
+            changed := [name for name in speed if getattr(self, name) not in (False, 0, "off", "auto")]
+        ):
+            raise ValueError(f"gpus > 1 cannot be combined with {', '.join(changed)} yet")
+        if self.tensor_parallel and self.gpus < 2:
+            raise ValueError(f"tensor_parallel needs gpus of 2 or more, got {self.gpus}")
+        return self
 
     @model_validator(mode="after")
     def _lease_can_miss_a_beat(self) -> "StudioSettings":

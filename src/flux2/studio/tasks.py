@@ -8,6 +8,7 @@ names made from the job id, and hands back one Asset for the worker to record wi
 job that runs twice after a crash never yields two.
 """
 
+import atexit
 import logging
 import re
 import threading
@@ -76,6 +77,8 @@ class PipelineHolder:
         acceleration.prepare()
         report(1, f"Loading {self.settings.model}")
         model = self.settings.model
+        if self.settings.gpus > 1:
+            return _split_pipeline(self.settings)
         # With block offload the transformer loads on the CPU; its blocks then visit the GPU one by one.
         flow_model = load_flow_model(model, device="cpu") if acceleration.block_offload else None
         pipe = Flux2Pipeline(model, device=self.settings.device, flow_model=flow_model)
@@ -110,6 +113,19 @@ class PipelineHolder:
             return {"model": encoder.model, "processor": encoder.processor, "device": pipe.device}
         options = {"model": model} if model else {}
         return options | {"base_url": url} if mode == "openrouter" and url else options
+
+
+def _split_pipeline(settings: StudioSettings):
+    """The served model over `settings.gpus` processes (CUDA: one GPU each; else CPU processes)."""
+    import torch
+
+    from flux2.parallel import ParallelPipeline, ParallelWorker
+
+    device = "cuda" if torch.cuda.is_available() and (settings.device or "cuda").startswith("cuda") else "cpu"
+    pipe = ParallelPipeline(ParallelWorker(settings.model, settings.gpus, device=device,
+                                           tensor=settings.tensor_parallel))  # fmt: skip
+    atexit.register(pipe.close)  # the ranks stop with the service
+    return pipe
 
 
 @dataclass
