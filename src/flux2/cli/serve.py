@@ -55,16 +55,24 @@ def run(args: argparse.Namespace) -> int:
         missing = f"the studio service needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
     names = ("host", "port", "data_dir", "database_url", "model", "device", "cors_origins", "api_token",
-             "segmentation_url", "upsample", "upsample_model", "upsample_url", "gpus", "tensor_parallel",
-             *acceleration_fields())  # fmt: skip
-    settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
-    from flux2.registry import model_info
-
-    model_info(settings.model)  # an unknown model fails now, not at the first job
-    settings.acceleration()  # and a bad speed setting
+             "segmentation_url", "upsample", "upsample_model", "upsample_url")  # fmt: skip
+    settings = studio_settings(StudioSettings, args, names)
     if settings.upsample == "none" and (settings.upsample_model or settings.upsample_url):
         print("warning: --upsample-model and --upsample-url have no effect without --upsample", file=sys.stderr)
     print(f"flux2 studio on http://{settings.host}:{settings.port} (data: {settings.data_dir.resolve()})")
     print(f"the web page: open http://{settings.host}:{settings.port}/ in a browser")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
     return 0
+
+
+def studio_settings(settings_class, args: argparse.Namespace, names: tuple[str, ...]):
+    """The studio's settings from the options given (with the model-process ones every command shares); an option
+    not given leaves the environment's FLUX2_STUDIO_* value. An unknown model or a bad speed setting fails now,
+    not at the first job."""
+    from flux2.registry import model_info
+
+    names = (*names, "gpus", "tensor_parallel", *acceleration_fields())
+    settings = settings_class(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    model_info(settings.model)
+    settings.acceleration()
+    return settings

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from flux2.cli.options import add_acceleration_options, add_parallel_options
-from flux2.transforms.acceleration import acceleration_fields
+from flux2.cli.serve import studio_settings
 
 WORKER_EXAMPLES = """examples:
   flux2 worker --model tiny --database-url postgresql://studio@127.0.0.1/studio --data-dir /srv/studio-data
@@ -41,25 +41,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         missing = f"the studio worker needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
-    names = (
-        "database_url",
-        "data_dir",
-        "model",
-        "device",
-        "heartbeat_s",
-        "stall_timeout_s",
-        "gpus",
-        "tensor_parallel",
-        *acceleration_fields(),
-    )
-    settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    names = ("database_url", "data_dir", "model", "device", "heartbeat_s", "stall_timeout_s")
+    settings = studio_settings(StudioSettings, args, names)
     if settings.database_url is None or not is_postgres(settings.database_url):
         raise ValueError("--database-url must name the studio's PostgreSQL database (postgresql://...): workers "
                          f"take jobs from its queue; got {settings.database_url!r}")  # fmt: skip
-    from flux2.registry import model_info
-
-    model_info(settings.model)  # an unknown model fails now, not at the first job
-    settings.acceleration()
     print(f"flux2 worker: {settings.model} on {settings.device or 'the best device'}, data in "
           f"{settings.data_dir.resolve()}; Ctrl-C stops", flush=True)  # fmt: skip
     serve(settings)
