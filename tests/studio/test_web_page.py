@@ -1,9 +1,12 @@
 """The web page `flux2 serve` answers at `/`, driven in Debian's Chromium through Playwright against the real
 service (the tiny model) on 127.0.0.1, with the segmentation stand-in. Every request to another host is blocked
-and counted: there must be none. Screenshots of the main views go to the test's tmp folder and docs/images/."""
+and counted: there must be none. Screenshots of the main views go to the test's tmp folder; with
+FLUX2_README_SCREENSHOTS=1 they also replace the README's (docs/images/), so a plain test run leaves the tree as it
+was."""
 
 import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -110,7 +113,7 @@ def tab(browser, studio):
 def keep(page, shots: Path, name: str, docs: bool = False) -> None:
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=shots / name, full_page=False)
-    if docs:
+    if docs and os.environ.get("FLUX2_README_SCREENSHOTS") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shots / name, DOCS_IMAGES / name)
 
