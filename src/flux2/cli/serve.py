@@ -40,8 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--upsample-model", help="local: model folder or Hub id; openrouter: the API's model name")
     p.add_argument("--upsample-url", help="openrouter: an OpenAI-compatible base URL (key: $OPENROUTER_API_KEY)")
-    add_acceleration_options(p.add_argument_group("speed and memory"), unset_is_none=True)
-    add_parallel_options(p, unset_is_none=True)
+    add_model_process_options(p)
     p.set_defaults(handler=run)
 
 
@@ -50,13 +49,12 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from flux2.studio.app import create_app
-        from flux2.studio.config import StudioSettings
     except ImportError as err:
         missing = f"the studio service needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
     names = ("host", "port", "data_dir", "database_url", "model", "device", "cors_origins", "api_token",
              "segmentation_url", "upsample", "upsample_model", "upsample_url")  # fmt: skip
-    settings = studio_settings(StudioSettings, args, names)
+    settings = studio_settings(args, names)
     if settings.upsample == "none" and (settings.upsample_model or settings.upsample_url):
         print("warning: --upsample-model and --upsample-url have no effect without --upsample", file=sys.stderr)
     print(f"flux2 studio on http://{settings.host}:{settings.port} (data: {settings.data_dir.resolve()})")
@@ -65,14 +63,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def studio_settings(settings_class, args: argparse.Namespace, names: tuple[str, ...]):
+def add_model_process_options(p: argparse.ArgumentParser) -> None:
+    """The options of a process that holds the model (`flux2 serve`, `flux2 worker`); not given: the environment's."""
+    add_acceleration_options(p.add_argument_group("speed and memory"), unset_is_none=True)
+    add_parallel_options(p, unset_is_none=True)
+
+
+def studio_settings(args: argparse.Namespace, names: tuple[str, ...]):
     """The studio's settings from the options given (with the model-process ones every command shares); an option
     not given leaves the environment's FLUX2_STUDIO_* value. An unknown model or a bad speed setting fails now,
     not at the first job."""
     from flux2.registry import model_info
+    from flux2.studio.config import StudioSettings
 
     names = (*names, "gpus", "tensor_parallel", *acceleration_fields())
-    settings = settings_class(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    settings = StudioSettings(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     model_info(settings.model)
     settings.acceleration()
     return settings

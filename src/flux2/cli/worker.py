@@ -4,8 +4,7 @@ the jobs that `flux2 serve --database-url postgresql://...` processes queue for 
 import argparse
 from pathlib import Path
 
-from flux2.cli.options import add_acceleration_options, add_parallel_options
-from flux2.cli.serve import studio_settings
+from flux2.cli.serve import add_model_process_options, studio_settings
 
 WORKER_EXAMPLES = """examples:
   flux2 worker --model tiny --database-url postgresql://studio@127.0.0.1/studio --data-dir /srv/studio-data
@@ -28,21 +27,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat-s", type=float, help="seconds between renewals of the running job's lease (2)")
     p.add_argument("--stall-timeout-s", type=float,
                    help="seconds of silence after which a worker's job goes back to the queue (30)")  # fmt: skip
-    add_acceleration_options(p.add_argument_group("speed and memory"), unset_is_none=True)
-    add_parallel_options(p, unset_is_none=True)
+    add_model_process_options(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from flux2.studio.config import StudioSettings
         from flux2.studio.db import is_postgres
         from flux2.studio.distributed.runner import serve
     except ImportError as err:
         missing = f"the studio worker needs its extra packages ({err.name}): pip install 'flux2[studio]'"
         raise ValueError(missing) from None
     names = ("database_url", "data_dir", "model", "device", "heartbeat_s", "stall_timeout_s")
-    settings = studio_settings(StudioSettings, args, names)
+    settings = studio_settings(args, names)
     if settings.database_url is None or not is_postgres(settings.database_url):
         raise ValueError("--database-url must name the studio's PostgreSQL database (postgresql://...): workers "
                          f"take jobs from its queue; got {settings.database_url!r}")  # fmt: skip
