@@ -3,8 +3,8 @@
 Random weights cost exactly what real ones do. fp32 on the CPU. Variants:
   ours        AutoEncoder as built (NCHW)
   ours_cl     `channels_last(ae)`: conv weights, hence activations, NHWC
-  ours_cpu    channels-last plus `fold_upsample_convs(ae)` (upsample convs on the low-resolution input): what
-              Flux2Pipeline does on a CPU
+  ours_cpu    `cpu_autoencoder(ae)`: channels-last, upsample convs folded into transposed convs, Winograd for the
+              wide 3×3 convs: what Flux2Pipeline does on a CPU
   diffusers   AutoencoderKLFlux2 loaded with the same weights (the pipeline's patchify/BN maths excluded)
 Timing: the variants run interleaved, round after round, so machine noise hits them alike; medians and the
 ratio to diffusers. Memory: one decode per variant in a fresh subprocess; the peak RSS during the decode (VmHWM,
@@ -32,8 +32,8 @@ from flux2.autoencoder import AutoEncoder, AutoEncoderParams, channels_last, unp
 from flux2.checkpoints.autoencoder import ae_original_to_diffusers, diffusers_ae_config
 from flux2.registry import TINY_AE_PARAMS
 from flux2.tiny import random_ae
+from flux2.transforms.cpu_autoencoder import cpu_autoencoder
 from flux2.transforms.tiling import TilingConfig, tiled_decode
-from flux2.transforms.upsample_conv import fold_upsample_convs
 
 WIDTHS = {"tiny": TINY_AE_PARAMS, "real": AutoEncoderParams()}  # the default is the real FLUX.2 AE
 
@@ -48,7 +48,7 @@ def build(width: str):
 
     ours = random_ae(WIDTHS[width])
     ours_cl = channels_last(random_ae(WIDTHS[width]))  # same seed: same weights
-    ours_cpu = fold_upsample_convs(channels_last(random_ae(WIDTHS[width])))
+    ours_cpu = cpu_autoencoder(random_ae(WIDTHS[width]))
     theirs = AutoencoderKLFlux2(**diffusers_ae_config(ours.params)).eval()
     theirs.load_state_dict(ae_original_to_diffusers(ours.state_dict()), strict=True)
     return ours, ours_cl, ours_cpu, theirs
@@ -123,8 +123,7 @@ def memory_child(width: str, variant: str, size: int, tiling: TilingConfig) -> d
     elif variant == "ours_tiled":
         fn = lambda: tiled_decode(ours, z, tiling)  # noqa: E731
     else:
-        ae = channels_last(ours) if variant in ("ours_cl", "ours_cpu") else ours
-        ae = fold_upsample_convs(ae) if variant == "ours_cpu" else ae
+        ae = {"ours_cl": channels_last, "ours_cpu": cpu_autoencoder}.get(variant, lambda ae: ae)(ours)
         fn = lambda: ae.decode(z)  # noqa: E731
     gc.collect()
     reset_peak_rss()

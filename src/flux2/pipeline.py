@@ -20,7 +20,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flux2 import __version__
-from flux2.autoencoder import channels_last
 from flux2.editing import EditSource, edit_source, latent_mask
 from flux2.images import ImageInput, image_sha256, image_to_tensor, open_image_input, tensor_to_image
 from flux2.registry import DEFAULT_MODEL, ModelInfo, model_info
@@ -41,8 +40,8 @@ from flux2.sampling import (
     truncated_schedule,
 )
 from flux2.text_encoder import Mistral3SmallEmbedder
+from flux2.transforms.cpu_autoencoder import cpu_autoencoder
 from flux2.transforms.tiling import Tiling, decode
-from flux2.transforms.upsample_conv import fold_upsample_convs
 from flux2.upsampling import PromptUpsampler, UpsampleResult
 from flux2.util import default_device, default_dtype, load_ae, load_flow_model, load_text_encoder
 from flux2.watermark import MIN_PIXELS, WatermarkConfig, embed
@@ -238,8 +237,8 @@ class Flux2Pipeline:
         home = torch.device("cpu") if cpu_offload else self.device  # offloaded models load straight to the CPU
         self.text_encoder, self.flow_model, self.ae = self._load_missing(given, paths, home, progress).values()
         self._check_components()
-        if self.device.type == "cpu":  # oneDNN: NHWC convs and folded upsample convs (benchmarks/ae_speed.py)
-            fold_upsample_convs(channels_last(self.ae))
+        if self.device.type == "cpu":  # NHWC, folded upsample and Winograd convs (benchmarks/ae_speed.py)
+            cpu_autoencoder(self.ae)
         self.safety = self._safety_policy(safety)
         if cpu_offload:
             from flux2.transforms.offload import cpu_offload as offload
