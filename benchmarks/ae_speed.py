@@ -115,8 +115,11 @@ def memory_child(width: str, variant: str, size: int, tiling: TilingConfig) -> d
     """Runs in a fresh process: one decode of `variant`; the peak RSS during it and its rise over the RSS before."""
     ours = random_ae(WIDTHS[width])
     z = torch.randn(1, 4 * ours.params.z_channels, size // 16, size // 16, generator=torch.Generator().manual_seed(0))
-    if variant == "diffusers":
-        *_, twin = build(width)
+    if variant == "diffusers":  # the twin alone stays resident, as `ours` alone does for the other variants
+        from diffusers import AutoencoderKLFlux2
+
+        twin = AutoencoderKLFlux2(**diffusers_ae_config(ours.params)).eval()
+        twin.load_state_dict(ae_original_to_diffusers(ours.state_dict()), strict=True)
         z_vae = unpatchify(ours.inv_normalize(z))
         del ours
         fn = lambda: twin.decode(z_vae).sample  # noqa: E731
