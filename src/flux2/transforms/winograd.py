@@ -63,8 +63,9 @@ def transformed_kernels(weight: Tensor) -> Tensor:
     """[C_out, C_in, 3, 3] -> G g G^T for every channel pair, as [36, C_in, C_out] (one matmul operand per tile
     position). Made in float64 so the kernel side adds no rounding of its own."""
     g = transforms_1d()[1].to(weight.device)
-    u = torch.einsum("ay,oiyx,bx->abio", g, weight.double(), g)
-    return u.reshape(WINDOW * WINDOW, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    c_out, c_in = weight.shape[:2]
+    taps = weight.double().permute(2, 3, 1, 0).reshape(KERNEL * KERNEL, c_in * c_out)  # [9, C_in·C_out]
+    return torch.mm(torch.kron(g, g), taps).view(WINDOW * WINDOW, c_in, c_out).to(weight.dtype)
 
 
 def winograd_conv3x3(x: Tensor, kernels: Tensor, bias: Tensor | None, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
