@@ -1,10 +1,11 @@
 """One image over several processes (torch.distributed, gloo, 2 ranks on the CPU) with the tiny model.
 
-Forwards are checked inside the ranks against the same model run whole in the same process (same thread
-count): sequence parallelism bit for bit, CFG halves bit for bit against one half at a time, tensor parallelism to
-1e-6. Whole generations run through a real ParallelWorker against a Flux2Pipeline in this process, both on one
-thread per process: on 2 threads a single process already differs from itself on 1 thread by the rounding of
-split matrix products (1/255 in a pixel here), so exactness is only defined at equal thread counts.
+Forwards are checked inside the ranks against the same model run whole in the same process (same thread count):
+sequence parallelism to 1e-6 (bit for bit where the CPU's matrix products round a row alike whatever the row
+count, as on the AMD EPYC box; ~1.5e-7 on an AVX-512 Xeon), CFG halves bit for bit against one half at a time,
+tensor parallelism to 1e-6. Whole generations run through a real ParallelWorker against a Flux2Pipeline in this
+process, both on one thread per process: on 2 threads a single process already differs from itself on 1 thread by
+the rounding of split matrix products (1/255 in a pixel here), so exactness is only defined at equal thread counts.
 """
 
 import threading
@@ -76,13 +77,13 @@ def flipped_layout(lengths, ranks):
 def sequence_checks(model) -> dict:
     found = {}
     for name, args in {"uneven": forward_inputs(), "even": forward_inputs(num_txt=8, h=4, w=4)}.items():
-        found[f"sequence_{name}"] = torch.equal(run_parallel(model, args), model(*args))
+        found[f"sequence_{name}"] = relative_error(run_parallel(model, args), model(*args))
     args = forward_inputs()
     extra = torch.randn(1, 3, TINY_PARAMS.hidden_size, generator=torch.Generator().manual_seed(1))
     ids = torch.cat([args[4], torch.tensor([[[0, 0, 0, 7], [0, 0, 0, 8], [0, 0, 0, 9]]])], dim=1)
     with_extra = (*args[:4], ids, None)
-    found["sequence_txt_extra"] = torch.equal(run_parallel(model, with_extra, txt_extra=extra),
-                                              model(*with_extra, txt_extra=extra))  # fmt: skip
+    found["sequence_txt_extra"] = relative_error(run_parallel(model, with_extra, txt_extra=extra),
+                                                 model(*with_extra, txt_extra=extra))  # fmt: skip
     with mock.patch.object(parallel_forward_module.Layout, "of", flipped_layout):
         flipped = run_parallel(model, args)
     found["flipped_equal"] = torch.equal(flipped, model(*args))
@@ -163,16 +164,16 @@ def forwards(tmp_path_factory) -> dict:
     return torch.load(out)
 
 
-def test_sequence_parallel_forward_is_bit_exact(forwards):
-    assert forwards["sequence_uneven"]  # 7 + 15 tokens: padded slices
-    assert forwards["sequence_even"]
-    assert forwards["sequence_txt_extra"]  # IP-Adapter tokens in the text stream
+def test_sequence_parallel_forward_matches_to_rounding(forwards):
+    assert forwards["sequence_uneven"] < TOLERANCE  # 7 + 15 tokens: padded slices
+    assert forwards["sequence_even"] < TOLERANCE
+    assert forwards["sequence_txt_extra"] < TOLERANCE  # IP-Adapter tokens in the text stream
 
 
 def test_negative_controls_fail_the_comparison(forwards):
-    # Reversing the gathered order changes only the rounding of attention's sums, and the check sees it.
-    assert not forwards["flipped_equal"] and 0 < forwards["flipped_error"] < 1e-5
     assert forwards["shuffled_error"] > 1e-4  # a shard under the wrong positions: far beyond any rounding
+    # Reversing the gathered order changes only the rounding of attention's sums: no more than rounding.
+    assert not forwards["flipped_equal"] and 0 < forwards["flipped_error"] < 1e-5
     assert forwards["tensor_unordered_error"] > 1e-2  # fused [q | k | v] split without regrouping by rank
 
 
