@@ -111,3 +111,6 @@ def test_new_weights_take_effect_and_autograd_runs_the_plain_conv():
         assert not torch.allclose(before, fast(x))
     fast(x).sum().backward()  # grad enabled: the plain conv, so weights get gradients
     assert conv.weight.grad is not None
+    with torch.no_grad():  # cast after the swap: bf16 runs the plain conv (the transforms would lose too much)
+        fast.to(torch.bfloat16)
+        torch.testing.assert_close(fast(x.bfloat16()), conv(x.bfloat16()), rtol=0, atol=0)

@@ -101,7 +101,7 @@ def winograd_conv3x3(x: Tensor, kernels: Tensor, bias: Tensor | None, chunk_elem
 
 class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (3×3, stride 1, padding 1) that runs as Winograd F(4×4, 3×3), its kernels transformed once
-    per weight; other inputs (grad enabled) run the plain conv."""
+    per weight. With autograd on, off the CPU or in another dtype than fp32/fp64 it runs the plain conv."""
 
     _kernels: tuple[tuple, Tensor] | None = None
 
@@ -113,7 +113,8 @@ class WinogradConv2d(nn.Conv2d):
         return fast
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        plain = torch.is_grad_enabled() and self.weight.requires_grad
+        if plain or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return super().forward(x)
         return winograd_conv3x3(x, self.kernels(), self.bias)
 
