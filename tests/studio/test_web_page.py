@@ -20,6 +20,9 @@ from studio_server import image_bytes, running_studio, studio_settings, tiny_pip
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the web page tests need playwright (test extra)")
 expect = playwright_api.expect
+# Every expectation waits up to 30 s, not Playwright's 5: a slow or busy CI box still shows each tiny-model image
+# well within that (one took over 5 s on a loaded 2-core VM).
+expect.set_options(timeout=30_000)
 
 DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 LONG_STEPS = 200  # the most a request allows: a job that runs long enough to be cancelled or overtaken
