@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux2.autoencoder import AutoEncoder, Upsample
+from flux2.transforms.derived import Derived
 
 # TAPS[k, y]: which 3×3 kernel rows add up to row k of the 4×4 transposed-conv kernel (columns alike).
 TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -49,23 +50,10 @@ class FoldedUpsample(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
-        self._kernel: tuple[tuple, Tensor] | None = None  # (the weight's identity when derived, the 4×4 kernel)
+        self.kernel = Derived(transposed_kernel)  # the 4×4 kernel, derived once per weight
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv(x, self.conv, self.kernel())
-
-    def kernel(self) -> Tensor:
-        """The 4×4 kernel, derived once per weight: a new weight tensor (`load_state_dict`, `.to`) or an in-place
-        update outside inference mode re-derives it."""
-        w = self.conv.weight
-        if w.requires_grad and torch.is_grad_enabled():
-            return transposed_kernel(w)  # training: derived in the graph, never cached
-        version = None if w.is_inference() else w._version  # inference tensors keep no version counter
-        key = (w.data_ptr(), version, w.dtype, w.device, _format(w))
-        if self._kernel is None or self._kernel[0] != key:
-            with torch.no_grad():
-                self._kernel = (key, transposed_kernel(w))
-        return self._kernel[1]
+        return upsample_conv(x, self.conv, self.kernel(self.conv.weight))
 
 
 def fold_upsample_convs(ae: AutoEncoder) -> AutoEncoder:

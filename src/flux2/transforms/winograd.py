@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux2.autoencoder import AutoEncoder
+from flux2.transforms.derived import Derived
 
 TILE = 4  # output tile side: F(4×4, 3×3) reads 6×6 input tiles
 KERNEL = 3
@@ -103,7 +104,9 @@ class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (3×3, stride 1, padding 1) that runs as Winograd F(4×4, 3×3), its kernels transformed once
     per weight. With autograd on, off the CPU or in another dtype than fp32/fp64 it runs the plain conv."""
 
-    _kernels: tuple[tuple, Tensor] | None = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernels = Derived(transformed_kernels)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "WinogradConv2d":
@@ -116,16 +119,7 @@ class WinogradConv2d(nn.Conv2d):
         plain = torch.is_grad_enabled() and self.weight.requires_grad
         if plain or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return super().forward(x)
-        return winograd_conv3x3(x, self.kernels(), self.bias)
-
-    def kernels(self) -> Tensor:
-        w = self.weight
-        version = None if w.is_inference() else w._version  # inference tensors keep no version counter
-        key = (w.data_ptr(), version, w.dtype, w.device)
-        if self._kernels is None or self._kernels[0] != key:
-            with torch.no_grad():
-                self._kernels = (key, transformed_kernels(w))
-        return self._kernels[1]
+        return winograd_conv3x3(x, self.kernels(self.weight), self.bias)
 
 
 def eligible(conv: nn.Module, min_channels: int) -> bool:
