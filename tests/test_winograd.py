@@ -1,7 +1,7 @@
 """Winograd F(4×4, 3×3) convs: the same conv as torch's, from 4× fewer multiply-adds.
 
-Oracles: float64 `F.conv2d` for one layer, and diffusers' AutoencoderKLFlux2 with the same weights for the decoder.
-Each has a negative control (wrong interpolation points, which break the transforms' algebra)."""
+Oracles: float64 `F.conv2d` for one layer, and diffusers' AutoencoderKLFlux2 with the same weights for the whole
+autoencoder. The negative control is on the layer: kernels and data transformed for different interpolation points."""
 
 import copy
 

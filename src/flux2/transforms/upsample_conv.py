@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux2.autoencoder import AutoEncoder, Upsample
+from flux2.autoencoder import AutoEncoder, Upsample, memory_format
 from flux2.transforms.derived import Derived
 
 # TAPS[k, y]: which 3×3 kernel rows add up to row k of the 4×4 transposed-conv kernel (columns alike).
@@ -30,18 +30,13 @@ def transposed_kernel(weight: Tensor) -> Tensor:
     """[C_out, C_in, 3, 3] conv weight -> [C_in, C_out, 4, 4] transposed-conv weight, in the weight's layout."""
     taps = TAPS.to(weight)
     kernel = torch.einsum("ky,oiyx,lx->iokl", taps, weight, taps)
-    return kernel.contiguous(memory_format=_format(weight))
+    return kernel.contiguous(memory_format=memory_format(weight))
 
 
 def upsample_conv(x: Tensor, conv: nn.Conv2d, kernel: Tensor | None = None) -> Tensor:
     """conv(nearest_upsample_2x(x)) for a 3×3, stride 1, padding 1 conv: [B, C_in, h, w] -> [B, C_out, 2h, 2w]."""
     kernel = transposed_kernel(conv.weight) if kernel is None else kernel
-    return F.conv_transpose2d(x, kernel.to(memory_format=_format(x)), conv.bias, stride=2, padding=1)
-
-
-def _format(x: Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return F.conv_transpose2d(x, kernel.to(memory_format=memory_format(x)), conv.bias, stride=2, padding=1)
 
 
 class FoldedUpsample(nn.Module):
